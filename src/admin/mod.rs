@@ -1,0 +1,205 @@
+//! The admin API: health, readiness, metrics, the live connection table, debug switches, config.
+
+use crate::config::Config;
+use crate::observe::{PeerFilter, Switch, SwitchSet};
+use crate::ServerHandle;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Largest admin request body (a switch update is a few hundred bytes).
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+/// What the admin API serves from.
+pub struct Admin {
+    pub handle: ServerHandle,
+    pub config: Arc<Config>,
+    pub token: Option<String>,
+}
+
+/// Binds the admin address; the caller reports failures with exit code 69.
+pub fn bind(address: SocketAddr) -> Result<std::net::TcpListener, crate::listen::BindError> {
+    crate::listen::bind("admin", address)
+}
+
+/// Serves the admin API on `listener` until the server has drained.
+pub async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register admin listener");
+            return;
+        }
+    };
+    let shutdown = admin.handle.trigger().subscribe();
+    loop {
+        let (tcp, _) = tokio::select! {
+            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            _ = shutdown.forced() => return,
+        };
+        let admin = admin.clone();
+        tokio::task::spawn_local(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&admin, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
+    respond(status, "application/json", format!("{v}\n"))
+}
+
+async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(token) = &admin.token {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), token.as_bytes()));
+        if !ok {
+            let mut r = respond(StatusCode::UNAUTHORIZED, "text/plain; charset=utf-8", "a bearer token is required\n");
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    let h = &admin.handle;
+    match (req.method().clone(), req.uri().path()) {
+        (Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
+        (Method::GET, "/readyz") => {
+            if h.is_ready() {
+                respond(StatusCode::OK, "text/plain; charset=utf-8", "ready\n")
+            } else {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "not ready\n")
+            }
+        }
+        (Method::GET, "/metrics") => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            h.metrics.encode(),
+        ),
+        (Method::GET, "/debug/connections") => json(StatusCode::OK, connections(h, req.uri().query().unwrap_or(""))),
+        (Method::GET, "/debug/switches") => json(StatusCode::OK, switches_json(&h.switches.current())),
+        (Method::PUT, "/debug/switches") => put_switches(admin, req).await,
+        (Method::GET, "/config") => match serde_json::to_value(&*admin.config) {
+            Ok(v) => json(StatusCode::OK, v),
+            Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", format!("{e}\n")),
+        },
+        (_, "/healthz" | "/readyz" | "/metrics" | "/debug/connections" | "/config") => {
+            let mut r = respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "method not allowed\n");
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+            r
+        }
+        _ => respond(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n"),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn connections(h: &ServerHandle, query: &str) -> serde_json::Value {
+    let filter = |key: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned())
+    };
+    let (listener, state, protocol) = (filter("listener"), filter("state"), filter("protocol"));
+    let rows: Vec<serde_json::Value> = h
+        .registry
+        .snapshot()
+        .iter()
+        .filter(|c| listener.as_deref().is_none_or(|l| *c.listener == *l))
+        .filter(|c| state.as_deref().is_none_or(|s| c.state().as_str() == s))
+        .filter(|c| protocol.as_deref().is_none_or(|p| c.protocol().as_str() == p))
+        .map(|c| {
+            let tls = c.tls();
+            serde_json::json!({
+                "id": c.id,
+                "listener": &*c.listener,
+                "peer": c.peer.to_string(),
+                "protocol": c.protocol().as_str(),
+                "tls_version": tls.map(|t| t.version),
+                "alpn": tls.and_then(|t| t.alpn.clone()),
+                "state": c.state().as_str(),
+                "age_ms": c.opened.elapsed().as_millis() as u64,
+                "requests": c.requests(),
+                "bytes_in": c.bytes_in(),
+                "bytes_out": c.bytes_out(),
+            })
+        })
+        .collect();
+    serde_json::json!({ "connections": rows })
+}
+
+fn switches_json(set: &SwitchSet) -> serde_json::Value {
+    serde_json::json!({
+        "switches": set.switches().iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        "listener": set.listener,
+        "peer": set.peer.map(|p| p.to_string()),
+    })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwitchUpdate {
+    switches: Vec<String>,
+    #[serde(default)]
+    listener: Option<String>,
+    #[serde(default)]
+    peer: Option<String>,
+}
+
+async fn put_switches(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let bad = |msg: String| json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": msg }));
+    let body = match Limited::new(req.into_body(), MAX_ADMIN_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return bad(format!("cannot read body: {e}")),
+    };
+    let update: SwitchUpdate = match serde_json::from_slice(&body) {
+        Ok(u) => u,
+        Err(e) => return bad(format!("body must be {{\"switches\": [...], \"listener\": ..., \"peer\": ...}}: {e}")),
+    };
+    let mut switches = Vec::new();
+    for s in &update.switches {
+        match Switch::parse(s) {
+            Some(sw) => switches.push(sw),
+            None => {
+                let known: Vec<_> = Switch::ALL.iter().map(|s| s.as_str()).collect();
+                return bad(format!("`{s}` is not an available switch; use one of {}", known.join(", ")));
+            }
+        }
+    }
+    if let Some(l) = &update.listener {
+        if !admin.config.listeners.iter().any(|x| &x.name == l) {
+            return bad(format!("no listener is named `{l}`"));
+        }
+    }
+    let peer = match update.peer.as_deref().map(PeerFilter::parse).transpose() {
+        Ok(p) => p,
+        Err(e) => return bad(e),
+    };
+    let set = SwitchSet::new(&switches, update.listener, peer);
+    admin.handle.switches.replace(set.clone());
+    tracing::info!(switches = ?update.switches, "debug switches replaced");
+    json(StatusCode::OK, switches_json(&set))
+}

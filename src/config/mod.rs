@@ -1,0 +1,485 @@
+//! The configuration file: serde types, their defaults, loading, and validation.
+//!
+//! Every default has a `DEFAULT_*` constant with the reason for its value. Types
+//! reject unknown keys, so a misspelt key is an error rather than a silent no-op.
+
+mod load;
+mod units;
+mod validate;
+
+pub use load::{load, load_str, ConfigSource, LoadError};
+pub use units::{Size, Span};
+pub use validate::{Finding, Findings, Severity};
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The state directory: self-signed certificates live here between runs.
+pub const DEFAULT_STATE_DIR: &str = ".gatehouse";
+
+/// Long enough for a slow mobile handshake, short enough that half-open handshakes cannot pile up.
+pub const DEFAULT_TLS_HANDSHAKE: Span = Span::secs(10);
+/// Slowloris bound: a well-behaved client sends a whole header block in one round trip.
+pub const DEFAULT_HEADER_READ: Span = Span::secs(10);
+/// Slow POST bound: a gap of 30s between two body reads means the client has stalled.
+pub const DEFAULT_BODY_READ: Span = Span::secs(30);
+/// Slow read bound: a client that accepts no bytes for 30s is not downloading.
+pub const DEFAULT_WRITE: Span = Span::secs(30);
+/// Longer than common load balancer idle timeouts (60s), so the balancer closes first and never races a close.
+pub const DEFAULT_IDLE: Span = Span::secs(75);
+/// Whole-request bound; handlers that need longer say so in their route.
+pub const DEFAULT_REQUEST: Span = Span::secs(60);
+/// Browsers preconnect sockets they may never use; they must not be held for the whole idle timeout.
+pub const DEFAULT_FIRST_REQUEST: Span = Span::secs(10);
+
+/// Far below the default file-descriptor limits of a tuned host, far above one machine's honest load.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Browsers open at most ~6 connections per origin; 256 leaves room for NAT and proxies.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 256;
+/// Rotates long-lived connections so load spreads after scaling, like nginx's `keepalive_requests`.
+pub const DEFAULT_MAX_REQUESTS_PER_CONNECTION: u32 = 1000;
+/// Fits any legitimate header block (cookies included) while bounding memory per request.
+pub const DEFAULT_MAX_HEADER_BYTES: Size = Size::kib(16);
+/// Large enough for form posts and API payloads; uploads raise it per deployment.
+pub const DEFAULT_MAX_BODY_BYTES: Size = Size::mib(10);
+
+/// RFC 9113 recommends at least 100; 128 matches common browsers' expectations.
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+/// 1MiB per stream keeps a 100ms-RTT download near 80Mbit/s without unbounded buffering.
+pub const DEFAULT_H2_INITIAL_STREAM_WINDOW: Size = Size::mib(1);
+/// Twice the stream window so two streams can progress at full speed together.
+pub const DEFAULT_H2_INITIAL_CONNECTION_WINDOW: Size = Size::mib(2);
+/// The protocol minimum (RFC 9113 §4.2); larger frames only add head-of-line blocking.
+pub const DEFAULT_H2_MAX_FRAME_SIZE: Size = Size::kib(16);
+/// Detects dead peers behind NATs that drop idle flows after ~60s.
+pub const DEFAULT_H2_KEEPALIVE_INTERVAL: Span = Span::secs(30);
+/// A peer that does not answer PING within 10s is gone.
+pub const DEFAULT_H2_KEEPALIVE_TIMEOUT: Span = Span::secs(10);
+
+/// No delay by default: deregistration delay belongs to deployments with a load balancer.
+pub const DEFAULT_DRAIN_DELAY: Span = Span::secs(0);
+/// Matches Kubernetes' default termination grace period, so the server finishes before SIGKILL.
+pub const DEFAULT_DRAIN_TIMEOUT: Span = Span::secs(30);
+
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub http2: Http2Config,
+    pub shutdown: ShutdownConfig,
+    pub routes: Vec<RouteConfig>,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub debug: DebugConfig,
+    pub tracing: TracingConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Worker threads, each running its own event loop. 0 = one per core.
+    pub workers: usize,
+    pub state_dir: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            workers: 0,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+        }
+    }
+}
+
+/// An application protocol a listener may speak.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    #[serde(rename = "h2")]
+    H2,
+    #[serde(rename = "http/1.1")]
+    Http11,
+    #[serde(rename = "h2c")]
+    H2c,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::H2 => "h2",
+            Protocol::Http11 => "http/1.1",
+            Protocol::H2c => "h2c",
+        }
+    }
+}
+
+/// What a TLS listener does with a client that offers no ALPN at all.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum OnNoAlpn {
+    /// Serve HTTP/1.1, counted as `gatehouse_alpn_fallback_total{reason="client_offered_none"}`.
+    #[default]
+    #[serde(rename = "http/1.1")]
+    Http11,
+    /// Fail the handshake with a `no_application_protocol` alert.
+    #[serde(rename = "reject")]
+    Reject,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    /// TLS: ALPN ids in preference order. Cleartext: "http/1.1" and/or "h2c".
+    /// Default: `["h2", "http/1.1"]` with TLS, `["http/1.1", "h2c"]` without.
+    #[serde(default)]
+    pub protocols: Option<Vec<Protocol>>,
+    #[serde(default)]
+    pub on_no_alpn: OnNoAlpn,
+    /// Cleartext only: honour `Upgrade: h2c` (RFC 7540 §3.2). Default is false: RFC 9113 deprecates it.
+    #[serde(default)]
+    pub h2c_upgrade: bool,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+impl ListenerConfig {
+    /// The protocols this listener offers, defaults applied.
+    pub fn effective_protocols(&self) -> Vec<Protocol> {
+        match (&self.protocols, self.tls.is_some()) {
+            (Some(p), _) => p.clone(),
+            (None, true) => vec![Protocol::H2, Protocol::Http11],
+            (None, false) => vec![Protocol::Http11, Protocol::H2c],
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// Default number of stateful TLS sessions remembered per listener (about 0.5 MiB).
+pub const DEFAULT_TLS_SESSION_CACHE: usize = 4096;
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM: the full chain, leaf first.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// Generate a self-signed certificate for these names instead (development).
+    #[serde(default)]
+    pub self_signed: Option<Vec<String>>,
+    /// More certificates, chosen by SNI against each certificate's names.
+    #[serde(default)]
+    pub certificates: Vec<CertKeyPair>,
+    /// Stateless resumption (RFC 8446 §4.6.1 tickets). Default is true.
+    #[serde(default = "default_true")]
+    pub session_tickets: bool,
+    /// Stateful resumption cache entries; 0 turns it off.
+    #[serde(default = "default_session_cache")]
+    pub session_cache: usize,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_session_cache() -> usize {
+    DEFAULT_TLS_SESSION_CACHE
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertKeyPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    pub tls_handshake: Span,
+    pub header_read: Span,
+    pub body_read: Span,
+    pub write: Span,
+    pub idle: Span,
+    pub request: Span,
+    pub first_request: Span,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tls_handshake: DEFAULT_TLS_HANDSHAKE,
+            header_read: DEFAULT_HEADER_READ,
+            body_read: DEFAULT_BODY_READ,
+            write: DEFAULT_WRITE,
+            idle: DEFAULT_IDLE,
+            request: DEFAULT_REQUEST,
+            first_request: DEFAULT_FIRST_REQUEST,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_connections: u32,
+    pub max_connections_per_ip: u32,
+    pub max_requests_per_connection: u32,
+    pub max_header_bytes: Size,
+    pub max_body_bytes: Size,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_requests_per_connection: DEFAULT_MAX_REQUESTS_PER_CONNECTION,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Config {
+    pub max_concurrent_streams: u32,
+    pub initial_stream_window: Size,
+    pub initial_connection_window: Size,
+    pub max_frame_size: Size,
+    pub keepalive_interval: Span,
+    pub keepalive_timeout: Span,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Http2Config {
+            max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+            initial_stream_window: DEFAULT_H2_INITIAL_STREAM_WINDOW,
+            initial_connection_window: DEFAULT_H2_INITIAL_CONNECTION_WINDOW,
+            max_frame_size: DEFAULT_H2_MAX_FRAME_SIZE,
+            keepalive_interval: DEFAULT_H2_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_H2_KEEPALIVE_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    pub drain_delay: Span,
+    pub drain_timeout: Span,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_delay: DEFAULT_DRAIN_DELAY,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// A fixed response: `respond = { status = 200, body = "ok" }`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FixedResponse {
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub content_type: Option<String>,
+}
+
+/// Pages built into the binary.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Builtin {
+    /// Tells the visitor how they are connected: protocol, TLS version, ALPN, connection id.
+    ConnectionInfo,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_path")]
+    pub path: String,
+    #[serde(default, rename = "static", skip_serializing_if = "Option::is_none")]
+    pub static_dir: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<String>,
+    /// Redirect status: 301, 302, 303, 307 or 308. Default is 308 (keeps the method).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub respond: Option<FixedResponse>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<Builtin>,
+}
+
+fn default_host() -> String {
+    "*".to_string()
+}
+fn default_path() -> String {
+    "/".to_string()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Empty string turns the admin API off.
+    pub address: String,
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: DEFAULT_ADMIN_ADDRESS.to_string(),
+            token_file: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RedactMode {
+    #[default]
+    Mask,
+    Hash,
+    Drop,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// "stdout", a file path, or "off".
+    pub access_log: String,
+    pub redact_headers: Vec<String>,
+    pub redact_query: Vec<String>,
+    pub redact_mode: RedactMode,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Json,
+            access_log: "stdout".to_string(),
+            redact_headers: ["authorization", "cookie", "set-cookie", "proxy-authorization"]
+                .map(String::from)
+                .to_vec(),
+            redact_query: ["token", "access_token", "password"].map(String::from).to_vec(),
+            redact_mode: RedactMode::Mask,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugConfig {
+    pub switches: Vec<String>,
+    pub listener: Option<String>,
+    pub peer: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
+}
+
+impl Config {
+    /// The embedded default used when no configuration file exists (see SPEC.md).
+    pub fn embedded_default(public_dir_exists: bool) -> Config {
+        let route = if public_dir_exists {
+            RouteConfig {
+                static_dir: Some(PathBuf::from("./public")),
+                ..RouteConfig::catch_all()
+            }
+        } else {
+            RouteConfig {
+                builtin: Some(Builtin::ConnectionInfo),
+                ..RouteConfig::catch_all()
+            }
+        };
+        Config {
+            listeners: vec![
+                ListenerConfig {
+                    name: "http".into(),
+                    address: SocketAddr::from(([127, 0, 0, 1], 8080)),
+                    protocols: Some(vec![Protocol::Http11, Protocol::H2c]),
+                    on_no_alpn: OnNoAlpn::Http11,
+                    h2c_upgrade: false,
+                    tls: None,
+                },
+                ListenerConfig {
+                    name: "https".into(),
+                    address: SocketAddr::from(([127, 0, 0, 1], 8443)),
+                    protocols: Some(vec![Protocol::H2, Protocol::Http11]),
+                    on_no_alpn: OnNoAlpn::Http11,
+                    h2c_upgrade: false,
+                    tls: Some(TlsConfig {
+                        cert: None,
+                        key: None,
+                        min_version: TlsVersion::V1_2,
+                        self_signed: Some(vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]),
+                        certificates: Vec::new(),
+                        session_tickets: true,
+                        session_cache: DEFAULT_TLS_SESSION_CACHE,
+                    }),
+                },
+            ],
+            routes: vec![route],
+            ..Config::default()
+        }
+    }
+}
+
+impl RouteConfig {
+    /// A route matching every host and path, with no handler set yet.
+    pub fn catch_all() -> RouteConfig {
+        RouteConfig {
+            host: default_host(),
+            path: default_path(),
+            static_dir: None,
+            proxy: None,
+            redirect: None,
+            redirect_status: None,
+            respond: None,
+            builtin: None,
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! What every connection of a listener shares: its policy, settings, metrics and log sinks.
+
+use super::{ConnInfo, Registry};
+use crate::config::{Http2Config, Limits, ListenerConfig, Protocol as ConfigProtocol, Timeouts};
+use crate::lifecycle::Shutdown;
+use crate::observe::{AccessLog, Metrics, Name};
+use crate::tls::TlsServer;
+use arc_swap::ArcSwap;
+use std::sync::{Arc, Mutex};
+
+/// The per-connection bounds, swapped whole on reload.
+#[derive(Clone, Debug, Default)]
+pub struct ConnSettings {
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub http2: Http2Config,
+}
+
+/// Which protocols a listener speaks (fixed for the listener's life).
+#[derive(Clone, Debug)]
+pub struct ProtocolPolicy {
+    pub http1: bool,
+    /// Cleartext HTTP/2 by prior knowledge.
+    pub h2c: bool,
+    pub h2c_upgrade: bool,
+}
+
+impl ProtocolPolicy {
+    pub fn from_config(l: &ListenerConfig) -> Self {
+        let p = l.effective_protocols();
+        ProtocolPolicy {
+            http1: p.contains(&ConfigProtocol::Http11),
+            h2c: p.contains(&ConfigProtocol::H2c),
+            h2c_upgrade: l.h2c_upgrade,
+        }
+    }
+}
+
+/// Everything a listener's connections share.
+pub struct ListenerShared {
+    pub name: Name,
+    pub policy: ProtocolPolicy,
+    pub tls: Option<ArcSwap<TlsServer>>,
+    pub settings: ArcSwap<ConnSettings>,
+    pub metrics: Metrics,
+    pub access_log: ArcSwap<AccessLog>,
+    pub registry: Arc<Registry>,
+    pub shutdown: Shutdown,
+    pub debug: crate::observe::Switches,
+}
+
+/// One connection's shared state: what its request pipeline and its task both see.
+pub struct ConnShared {
+    pub info: Arc<ConnInfo>,
+    pub listener: Arc<ListenerShared>,
+    /// Set by the pipeline when the connection should stop taking requests (max requests).
+    pub close_requested: tokio::sync::Notify,
+    /// An accepted `Upgrade: h2c`, taken by the connection task once HTTP/1.1 hands over.
+    pub pending_h2c: Mutex<Option<PendingH2c>>,
+}
+
+/// The parts of an `Upgrade: h2c` switch the connection task needs after the 101 is written.
+pub struct PendingH2c {
+    pub on_upgrade: hyper::upgrade::OnUpgrade,
+    pub stream_one: bytes::Bytes,
+}

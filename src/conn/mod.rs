@@ -1,0 +1,14 @@
+//! Connections: protocol selection, lifecycle state, timeouts and the registry of open connections.
+
+mod context;
+pub mod h2c;
+mod io;
+mod registry;
+mod serve;
+mod state;
+mod watchdog;
+
+pub use context::{ConnSettings, ConnShared, ListenerShared, PendingH2c, ProtocolPolicy};
+pub use registry::{ConnInfo, Registry, TlsSummary};
+pub use serve::serve_connection;
+pub use state::{CloseReason, ConnState, Protocol};

@@ -1,0 +1,411 @@
+//! One connection from accept to close: TLS, protocol selection, serving, and the close reason.
+
+use super::io::MeteredIo;
+use super::watchdog::{self, Verdict};
+use super::{h2c, CloseReason, ConnInfo, ConnShared, ConnState, ListenerShared, Protocol};
+use crate::http::body::BoxError;
+use crate::http::{Pipeline, RequestBody};
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpStream;
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves one accepted TCP connection until it closes, with `svc` answering its requests.
+pub async fn serve_connection<S, B>(tcp: TcpStream, peer: SocketAddr, listener: Arc<ListenerShared>, svc: S)
+where
+    S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let local = tcp.local_addr().unwrap_or(peer);
+    let _ = tcp.set_nodelay(true);
+    let id = listener.registry.next_id();
+    let initial = if listener.tls.is_some() { ConnState::Handshaking } else { ConnState::Idle };
+    let info = Arc::new(ConnInfo::new(id, listener.name.0.clone(), peer, local, initial));
+    listener.registry.insert(info.clone());
+    listener.debug.event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
+        format!("conn {id} opened from {peer} on {local}, state {}", initial.as_str())
+    });
+    let conn = Arc::new(ConnShared {
+        info: info.clone(),
+        listener: listener.clone(),
+        close_requested: tokio::sync::Notify::new(),
+        pending_h2c: Mutex::new(None),
+    });
+    let reason = run(tcp, &conn, svc).await;
+    info.set_state(ConnState::Closed);
+    listener.metrics.connection_closed(&listener.name, reason);
+    listener.registry.remove(id);
+    tracing::debug!(
+        conn_id = id,
+        listener = %listener.name.0,
+        remote = %peer,
+        protocol = info.protocol().as_str(),
+        reason = reason.as_str(),
+        requests = info.requests(),
+        bytes_in = info.bytes_in(),
+        bytes_out = info.bytes_out(),
+        age_ms = info.opened.elapsed().as_millis() as u64,
+        "connection closed"
+    );
+    listener.debug.event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
+        format!("conn {id} closed: {reason} after {} requests", info.requests())
+    });
+}
+
+async fn run<S, B>(tcp: TcpStream, conn: &Arc<ConnShared>, svc: S) -> CloseReason
+where
+    S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let listener = &conn.listener;
+    let info = &conn.info;
+    let settings = listener.settings.load_full();
+    if let Some(tls) = &listener.tls {
+        let tls = tls.load_full();
+        let hs = tokio::select! {
+            hs = crate::tls::handshake(tcp, &tls, settings.timeouts.tls_handshake.get()) => hs,
+            _ = listener.shutdown.forced() => return CloseReason::DrainForced,
+        };
+        match hs {
+            Err(e) => {
+                count_handshake(listener, e.result, "none", "none");
+                listener.debug.event(crate::observe::Switch::Tls, &listener.name.0, info.peer, || {
+                    format!("conn {} handshake {}: {} (offered ALPN {:?}, SNI {:?})", info.id, e.result, e.detail, e.offered_alpn, e.sni)
+                });
+                tracing::debug!(conn_id = info.id, result = e.result, detail = %e.detail, "TLS handshake failed");
+                return if e.result == "timeout" { CloseReason::HandshakeTimeout } else { CloseReason::HandshakeFailed };
+            }
+            Ok((stream, negotiated)) => {
+                let s = &negotiated.summary;
+                let alpn_label = match s.alpn.as_deref() {
+                    Some("h2") => "h2",
+                    Some("http/1.1") => "http/1.1",
+                    _ => "none",
+                };
+                count_handshake(listener, "ok", s.version, alpn_label);
+                listener.debug.event(crate::observe::Switch::Tls, &listener.name.0, info.peer, || {
+                    format!(
+                        "conn {} handshake ok: TLS {} {} ALPN offered {:?} chosen {:?} SNI {:?} resumed {}",
+                        info.id, s.version, s.cipher, negotiated.offered_alpn, s.alpn, s.sni, negotiated.resumed
+                    )
+                });
+                let h2 = alpn_label == "h2";
+                let offers_h2 = tls.alpn.iter().any(|p| p == b"h2");
+                if !h2 && offers_h2 {
+                    let reason = if negotiated.client_offered_no_alpn { "client_offered_none" } else { "client_offered_http1_only" };
+                    listener.metrics.alpn_fallback(&listener.name, reason);
+                    tracing::info!(
+                        conn_id = info.id,
+                        listener = %listener.name.0,
+                        remote = %info.peer,
+                        reason,
+                        offered = ?negotiated.offered_alpn,
+                        "serving HTTP/1.1 on a listener that offers h2"
+                    );
+                }
+                info.set_tls(negotiated.summary);
+                info.set_state(ConnState::Idle);
+                let io = MeteredIo::new(stream, Bytes::new(), info.clone());
+                return if h2 {
+                    serve_h2(io, conn, svc, Protocol::H2).await
+                } else {
+                    serve_h1(io, conn, svc).await
+                };
+            }
+        }
+    }
+    let policy = &listener.policy;
+    match (policy.http1, policy.h2c) {
+        (true, true) => {
+            let sniffed = tokio::select! {
+                s = sniff_preface(tcp, settings.timeouts.first_request.get()) => s,
+                _ = listener.shutdown.draining() => return CloseReason::Shutdown,
+            };
+            match sniffed {
+                Sniffed::Timeout => CloseReason::FirstRequestTimeout,
+                Sniffed::Closed => CloseReason::ClientClosed,
+                Sniffed::Error => CloseReason::IoError,
+                Sniffed::Preface(tcp, prefix) => serve_h2(MeteredIo::new(tcp, prefix, info.clone()), conn, svc, Protocol::H2c).await,
+                Sniffed::Other(tcp, prefix) => serve_h1(MeteredIo::new(tcp, prefix, info.clone()), conn, svc).await,
+            }
+        }
+        (false, true) => serve_h2(MeteredIo::new(tcp, Bytes::new(), info.clone()), conn, svc, Protocol::H2c).await,
+        _ => serve_h1(MeteredIo::new(tcp, Bytes::new(), info.clone()), conn, svc).await,
+    }
+}
+
+fn count_handshake(listener: &ListenerShared, result: &'static str, tls_version: &'static str, alpn: &'static str) {
+    listener
+        .metrics
+        .tls_handshakes
+        .get_or_create(&crate::observe::metrics::HandshakeLabels {
+            listener: listener.name.clone(),
+            result,
+            tls_version,
+            alpn,
+        })
+        .inc();
+}
+
+enum Sniffed {
+    Preface(TcpStream, Bytes),
+    Other(TcpStream, Bytes),
+    Timeout,
+    Closed,
+    Error,
+}
+
+/// Reads until the bytes either are the HTTP/2 connection preface or cannot become it.
+async fn sniff_preface(mut tcp: TcpStream, timeout: std::time::Duration) -> Sniffed {
+    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+    let read = async {
+        loop {
+            match tcp.read_buf(&mut buf).await {
+                Ok(0) => return if buf.is_empty() { Err(true) } else { Ok(()) },
+                Ok(_) => {
+                    let n = buf.len().min(H2_PREFACE.len());
+                    if buf[..n] != H2_PREFACE[..n] || buf.len() >= H2_PREFACE.len() {
+                        return Ok(());
+                    }
+                }
+                Err(_) => return Err(false),
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => Sniffed::Timeout,
+        Ok(Err(true)) => Sniffed::Closed,
+        Ok(Err(false)) => Sniffed::Error,
+        Ok(Ok(())) => {
+            let prefix = buf.freeze();
+            if prefix.starts_with(H2_PREFACE) {
+                Sniffed::Preface(tcp, prefix)
+            } else {
+                Sniffed::Other(tcp, prefix)
+            }
+        }
+    }
+}
+
+fn h1_builder(conn: &ConnShared) -> http1::Builder {
+    let settings = conn.listener.settings.load();
+    let mut b = http1::Builder::new();
+    // gatehouse's watchdog bounds header reads per request; hyper's timer would also act as the
+    // idle timeout (it starts when hyper waits for the next request), so it is off here.
+    b.header_read_timeout(None)
+        .keep_alive(true)
+        .half_close(false)
+        .max_buf_size(settings.limits.max_header_bytes.as_usize().max(8192));
+    b
+}
+
+async fn serve_h1<IO, S, B>(io: MeteredIo<IO>, conn: &Arc<ConnShared>, svc: S) -> CloseReason
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    conn.info.set_protocol(Protocol::Http11);
+    let pipeline = Pipeline::new(svc.clone(), conn.clone());
+    let hconn = h1_builder(conn).serve_connection(TokioIo::new(io), pipeline).with_upgrades();
+    let reason = drive(hconn, conn, Protocol::Http11).await;
+    let pending = conn.pending_h2c.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let Some(pending) = pending else { return reason };
+    match pending.on_upgrade.await {
+        Ok(upgraded) => {
+            tracing::debug!(conn_id = conn.info.id, "switched to HTTP/2 via Upgrade: h2c");
+            let io = h2c::Spliced::new(TokioIo::new(upgraded), pending.stream_one);
+            serve_h2(io, conn, svc, Protocol::H2c).await
+        }
+        Err(_) => CloseReason::ProtocolError,
+    }
+}
+
+async fn serve_h2<IO, S, B>(io: IO, conn: &Arc<ConnShared>, svc: S, protocol: Protocol) -> CloseReason
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    conn.info.set_protocol(protocol);
+    let s = conn.listener.settings.load();
+    let h = &s.http2;
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(h.max_concurrent_streams)
+        .initial_stream_window_size(h.initial_stream_window.as_u32())
+        .initial_connection_window_size(h.initial_connection_window.as_u32())
+        .max_frame_size(h.max_frame_size.as_u32())
+        .keep_alive_interval(Some(h.keepalive_interval.get()))
+        .keep_alive_timeout(h.keepalive_timeout.get())
+        .max_header_list_size(s.limits.max_header_bytes.as_u32());
+    let pipeline = Pipeline::new(svc, conn.clone());
+    let hconn = b.serve_connection(TokioIo::new(io), pipeline);
+    drive(hconn, conn, protocol).await
+}
+
+/// A hyper connection that can be asked to finish gracefully.
+trait Graceful: Future<Output = hyper::Result<()>> {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+impl<I, S> Graceful for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: http_body::Body + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, E> Graceful for http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: http_body::Body + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Runs a hyper connection to its end, applying drain, max-requests and the watchdog.
+async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> CloseReason {
+    let listener = &conn.listener;
+    let info = &conn.info;
+    let http1 = protocol == Protocol::Http11;
+    tokio::pin!(hconn);
+    let mut initiated: Option<CloseReason> = None;
+    let first = watchdog::check(info, http1, &listener.settings.load().timeouts, std::time::Instant::now());
+    let sleep = tokio::time::sleep_until(match first {
+        Verdict::Recheck(at) => at.into(),
+        Verdict::Expired(_) => tokio::time::Instant::now(),
+    });
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            res = hconn.as_mut() => return classify(res, initiated, info, listener),
+            _ = listener.shutdown.draining(), if initiated.is_none() => {
+                initiated = Some(CloseReason::Shutdown);
+                info.set_state(ConnState::Closing);
+                if !http1 {
+                    listener.metrics.goaway(&listener.name, "shutdown");
+                }
+                hconn.as_mut().graceful();
+            }
+            _ = conn.close_requested.notified(), if initiated.is_none() && !http1 => {
+                initiated = Some(CloseReason::MaxRequests);
+                info.set_state(ConnState::Closing);
+                listener.metrics.goaway(&listener.name, "max_requests");
+                hconn.as_mut().graceful();
+            }
+            _ = listener.shutdown.forced() => return CloseReason::DrainForced,
+            _ = &mut sleep => {
+                if let Some(reason) = initiated {
+                    // A graceful close we started did not finish in time: the peer is unresponsive.
+                    return reason;
+                }
+                let settings = listener.settings.load();
+                match watchdog::check(info, http1, &settings.timeouts, std::time::Instant::now()) {
+                    Verdict::Recheck(at) => sleep.as_mut().reset(at.into()),
+                    Verdict::Expired(reason) if !http1 && info.requests() > 0 => {
+                        // HTTP/2: say goodbye with GOAWAY rather than a bare close; bound the wait.
+                        initiated = Some(reason);
+                        info.set_state(ConnState::Closing);
+                        listener.metrics.goaway(&listener.name, reason.as_str());
+                        hconn.as_mut().graceful();
+                        let wait = settings.http2.keepalive_timeout.get();
+                        sleep.as_mut().reset(tokio::time::Instant::now() + wait);
+                    }
+                    Verdict::Expired(reason) => return reason,
+                }
+            }
+        }
+    }
+}
+
+/// Names the reason a hyper connection ended.
+fn classify(res: hyper::Result<()>, initiated: Option<CloseReason>, info: &ConnInfo, listener: &ListenerShared) -> CloseReason {
+    match res {
+        Ok(()) => {
+            if let Some(r) = initiated {
+                return r;
+            }
+            let max = u64::from(listener.settings.load().limits.max_requests_per_connection);
+            if info.protocol() == Protocol::Http11 && info.requests() >= max {
+                CloseReason::MaxRequests
+            } else {
+                CloseReason::ClientClosed
+            }
+        }
+        Err(e) => {
+            if let Some(r) = initiated {
+                if r != CloseReason::Shutdown && r != CloseReason::MaxRequests {
+                    return r;
+                }
+            }
+            classify_error(&e)
+        }
+    }
+}
+
+fn classify_error(e: &hyper::Error) -> CloseReason {
+    if e.is_timeout() {
+        // hyper's only timer here is HTTP/2 keep-alive: the peer stopped answering PINGs.
+        return CloseReason::IdleTimeout;
+    }
+    if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() || e.is_user() {
+        return CloseReason::ProtocolError;
+    }
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return CloseReason::ClientClosed;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionAborted => CloseReason::ClientClosed,
+                _ => CloseReason::IoError,
+            };
+        }
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            if h2e.is_go_away() && h2e.is_remote() {
+                return CloseReason::ClientClosed;
+            }
+            if h2e.is_io() {
+                return CloseReason::IoError;
+            }
+            return CloseReason::ProtocolError;
+        }
+        source = s.source();
+    }
+    CloseReason::IoError
+}

@@ -1,0 +1,464 @@
+//! The request pipeline: what wraps every request on every connection, before any handler.
+//!
+//! It numbers the request, applies the per-connection request limit and the body limit, turns
+//! handler panics and errors into a 500 for that request alone, bounds the whole handling with the
+//! `request` timeout (504), intercepts `Upgrade: h2c`, and records the request when its response
+//! body ends: metrics, access log, connection state.
+
+use super::body::BoxError;
+use super::request_body::{BodyState, RequestBody};
+use crate::conn::{h2c, ConnInfo, ConnShared, PendingH2c, Protocol};
+use crate::observe::access_log::{json_num, json_str, now_rfc3339};
+use crate::observe::metrics::{method_label, ListenerLabels, ProtocolLabels, RequestLabels};
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+/// Per-request facts a handler can read from the request's extensions.
+#[derive(Clone, Debug)]
+pub struct RequestContext {
+    pub conn: Arc<ConnInfo>,
+    /// 1-based number of this request on its connection.
+    pub seq: u64,
+}
+
+impl RequestContext {
+    /// `<connection id>-<sequence>`: unique per process, and names the connection.
+    pub fn request_id(&self) -> String {
+        format!("{}-{}", self.conn.id, self.seq)
+    }
+}
+
+/// Wraps a tower service for one connection.
+pub struct Pipeline<S> {
+    svc: S,
+    conn: Arc<ConnShared>,
+}
+
+impl<S> Pipeline<S> {
+    pub fn new(svc: S, conn: Arc<ConnShared>) -> Self {
+        Pipeline { svc, conn }
+    }
+}
+
+impl<S: Clone> Clone for Pipeline<S> {
+    fn clone(&self) -> Self {
+        Pipeline {
+            svc: self.svc.clone(),
+            conn: self.conn.clone(),
+        }
+    }
+}
+
+type PipelineFuture<B> = Pin<Box<dyn Future<Output = Result<Response<Instrumented<B>>, Infallible>> + Send>>;
+
+const BODY_TOO_LARGE: &str = "request body exceeds limits.max_body_bytes\n";
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for Pipeline<S>
+where
+    S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Instrumented<B>>;
+    type Error = Infallible;
+    type Future = PipelineFuture<B>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        let conn = &self.conn;
+        let protocol = conn.info.protocol();
+        if protocol == Protocol::Http11 && h2c::requested(req.headers()) {
+            if let Some(switching) = self.h2c_upgrade(&mut req) {
+                return Box::pin(std::future::ready(Ok(switching)));
+            }
+        }
+
+        let started = Instant::now();
+        let seq = conn.info.request_started();
+        let settings = conn.listener.settings.load();
+        let max_body = settings.limits.max_body_bytes.get();
+        let request_timeout = settings.timeouts.request.get();
+        let last = seq >= u64::from(settings.limits.max_requests_per_connection);
+        if last && protocol.is_h2() {
+            conn.close_requested.notify_one();
+        }
+        let close_after = last && protocol == Protocol::Http11;
+
+        let (mut parts, incoming) = req.into_parts();
+        let body_state = Arc::new(BodyState::default());
+        let record = Record::new(conn.clone(), &parts, seq, started, body_state.clone());
+        let declared_too_large = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > max_body);
+        if declared_too_large {
+            // Refused before the handler runs; the unread body makes HTTP/1.1 framing unusable.
+            let resp = gatehouse_response(StatusCode::PAYLOAD_TOO_LARGE, BODY_TOO_LARGE);
+            return Box::pin(std::future::ready(Ok(record.attach(resp, true, Some("limit:max_body_bytes")))));
+        }
+        let body = RequestBody::new(incoming, max_body, body_state.clone());
+        parts.extensions.insert(RequestContext {
+            conn: conn.info.clone(),
+            seq,
+        });
+        let req = Request::from_parts(parts, body);
+
+        let mut svc = self.svc.clone();
+        Box::pin(async move {
+            let handled = async move {
+                std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+                svc.call(req).await
+            };
+            let outcome = tokio::time::timeout(request_timeout, AssertUnwindSafe(handled).catch_unwind()).await;
+            let resp = match outcome {
+                Ok(Ok(_)) if body_state.limit_exceeded() => {
+                    let resp = gatehouse_response(StatusCode::PAYLOAD_TOO_LARGE, BODY_TOO_LARGE);
+                    record.attach(resp, true, Some("limit:max_body_bytes"))
+                }
+                Ok(Ok(Ok(resp))) => {
+                    let (parts, body) = resp.into_parts();
+                    record.attach(Response::from_parts(parts, Instrumented::inner(body)), close_after, None)
+                }
+                Ok(Ok(Err(e))) => {
+                    let e: BoxError = e.into();
+                    tracing::error!(req_id = %record.req_id(), method = %record.method, path = %record.path, error = %e, "handler failed; answered 500");
+                    let resp = gatehouse_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
+                    record.attach(resp, close_after, Some("handler_error"))
+                }
+                Ok(Err(panic)) => {
+                    let listener = &record.conn.listener;
+                    listener
+                        .metrics
+                        .panics
+                        .get_or_create(&ListenerLabels {
+                            listener: listener.name.clone(),
+                        })
+                        .inc();
+                    tracing::error!(
+                        req_id = %record.req_id(),
+                        method = %record.method,
+                        path = %record.path,
+                        panic = %panic_message(&*panic),
+                        "handler panicked; answered 500"
+                    );
+                    let resp = gatehouse_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
+                    record.attach(resp, close_after, Some("panic"))
+                }
+                Err(_) => {
+                    let listener = &record.conn.listener;
+                    listener.metrics.timeout(&listener.name, "request");
+                    let resp = gatehouse_response(StatusCode::GATEWAY_TIMEOUT, "request took longer than timeouts.request\n");
+                    record.attach(resp, close_after, Some("timeout:request"))
+                }
+            };
+            Ok(resp)
+        })
+    }
+}
+
+impl<S> Pipeline<S> {
+    /// An `Upgrade: h2c` request on HTTP/1.1. Returns the 101 when we switch; `None` when the
+    /// request is served as plain HTTP/1.1, which is counted as a fallback with its reason.
+    fn h2c_upgrade<B>(&self, req: &mut Request<Incoming>) -> Option<Response<Instrumented<B>>> {
+        let listener = &self.conn.listener;
+        let refusal = if !(listener.policy.h2c_upgrade && listener.policy.h2c) {
+            "h2c_upgrade_disabled"
+        } else {
+            match h2c::check(req.headers()) {
+                Ok(()) => {
+                    let stream_one = h2c::stream_one_frames(req.method(), req.uri(), req.headers());
+                    let on_upgrade = hyper::upgrade::on(&mut *req);
+                    let mut pending = self.conn.pending_h2c.lock().unwrap_or_else(|p| p.into_inner());
+                    *pending = Some(PendingH2c { on_upgrade, stream_one });
+                    let mut resp = Response::new(Instrumented::fixed(Bytes::new()));
+                    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+                    resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+                    return Some(resp);
+                }
+                Err(h2c::NotUpgraded::HasBody) => "h2c_upgrade_with_body",
+                Err(_) => "h2c_upgrade_malformed",
+            }
+        };
+        listener.metrics.alpn_fallback(&listener.name, refusal);
+        tracing::info!(
+            conn_id = self.conn.info.id,
+            listener = %listener.name.0,
+            reason = refusal,
+            "client asked for Upgrade: h2c; serving HTTP/1.1"
+        );
+        None
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// `host[:port]` without the port; IPv6 literals keep their brackets.
+pub fn strip_port(raw: &str) -> &str {
+    if raw.starts_with('[') {
+        raw.split_inclusive(']').next().unwrap_or(raw)
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+    }
+}
+
+/// A short plain-text response made by gatehouse itself (errors, limits).
+fn gatehouse_response<B>(status: StatusCode, body: &'static str) -> Response<Instrumented<B>> {
+    let mut r = Response::new(Instrumented::fixed(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// What is known about a request until its response body ends.
+struct Record {
+    conn: Arc<ConnShared>,
+    seq: u64,
+    started: Instant,
+    protocol: Protocol,
+    method: Method,
+    /// Host and path are kept only when the access log is on.
+    host: String,
+    path: String,
+    status: u16,
+    error: Option<&'static str>,
+    bytes_out: u64,
+    body: Arc<BodyState>,
+    complete_if_dropped: bool,
+}
+
+impl Record {
+    fn new(conn: Arc<ConnShared>, parts: &http::request::Parts, seq: u64, started: Instant, body: Arc<BodyState>) -> Self {
+        let logging = conn.listener.access_log.load().enabled();
+        let (host, path) = if logging {
+            let host = parts
+                .uri
+                .host()
+                .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+                .map(strip_port)
+                .unwrap_or_default()
+                .to_string();
+            let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            let path = conn.listener.access_log.load().redactor().redact(pq).into_owned();
+            (host, path)
+        } else {
+            (String::new(), String::new())
+        };
+        Record {
+            protocol: conn.info.protocol(),
+            conn,
+            seq,
+            started,
+            method: parts.method.clone(),
+            host,
+            path,
+            status: 0,
+            error: None,
+            bytes_out: 0,
+            body,
+            complete_if_dropped: false,
+        }
+    }
+
+    fn req_id(&self) -> String {
+        format!("{}-{}", self.conn.info.id, self.seq)
+    }
+
+    /// Attaches the record to the response, which reports it when its body ends.
+    fn attach<B>(mut self, mut resp: Response<Instrumented<B>>, close: bool, error: Option<&'static str>) -> Response<Instrumented<B>>
+    where
+        Instrumented<B>: Body,
+    {
+        // A body that is empty from the start may never be polled (HEAD, 304, 204): it is complete.
+        self.complete_if_dropped = resp.body().is_end_stream();
+        if close && self.protocol == Protocol::Http11 {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        self.status = resp.status().as_u16();
+        self.error = error;
+        resp.body_mut().record = Some(self);
+        resp
+    }
+
+    fn finish(self, aborted: bool) {
+        let listener = &self.conn.listener;
+        let elapsed = self.started.elapsed();
+        let protocol = self.protocol.as_str();
+        listener
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                listener: listener.name.clone(),
+                protocol,
+                method: method_label(&self.method),
+                status: self.status,
+            })
+            .inc();
+        listener
+            .metrics
+            .request_duration
+            .get_or_create(&ProtocolLabels {
+                listener: listener.name.clone(),
+                protocol,
+            })
+            .observe(elapsed.as_secs_f64());
+        let log = listener.access_log.load();
+        if log.enabled() {
+            let info = &self.conn.info;
+            let tls = info.tls();
+            let mut line = String::with_capacity(384);
+            line.push('{');
+            json_str(&mut line, "ts", &now_rfc3339());
+            json_num(&mut line, "conn_id", info.id);
+            json_str(&mut line, "req_id", &self.req_id());
+            json_str(&mut line, "listener", &listener.name.0);
+            json_str(&mut line, "remote", &info.peer.to_string());
+            json_str(&mut line, "protocol", protocol);
+            json_str(&mut line, "tls_version", tls.map_or("", |t| t.version));
+            json_str(&mut line, "alpn", tls.and_then(|t| t.alpn.as_deref()).unwrap_or(""));
+            json_str(&mut line, "method", self.method.as_str());
+            json_str(&mut line, "host", &self.host);
+            json_str(&mut line, "path", &self.path);
+            json_num(&mut line, "status", self.status);
+            json_num(&mut line, "bytes_in", self.body.bytes());
+            json_num(&mut line, "bytes_out", self.bytes_out);
+            json_num(&mut line, "duration_ms", format_args!("{:.3}", elapsed.as_secs_f64() * 1000.0));
+            match (self.error, aborted) {
+                (Some(e), _) => json_str(&mut line, "error", e),
+                (None, true) => json_str(&mut line, "error", "response_aborted"),
+                _ => {}
+            }
+            line.pop();
+            line.push('}');
+            log.write(line);
+        }
+        self.conn.info.request_finished();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that reports its request when it ends or is dropped.
+    pub struct Instrumented<B> {
+        #[pin]
+        kind: Kind<B>,
+        record: Option<Record>,
+    }
+
+    impl<B> PinnedDrop for Instrumented<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(record) = this.project().record.take() {
+                let aborted = !record.complete_if_dropped;
+                record.finish(aborted);
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner { #[pin] body: B },
+        Fixed { data: Option<Bytes> },
+    }
+}
+
+impl<B> Instrumented<B> {
+    fn inner(body: B) -> Self {
+        Instrumented {
+            kind: Kind::Inner { body },
+            record: None,
+        }
+    }
+    fn fixed(data: Bytes) -> Self {
+        Instrumented {
+            kind: Kind::Fixed {
+                data: if data.is_empty() { None } else { Some(data) },
+            },
+            record: None,
+        }
+    }
+}
+
+fn kind_ended<B: Body>(kind: &Kind<B>) -> bool {
+    match kind {
+        Kind::Inner { body } => body.is_end_stream(),
+        Kind::Fixed { data } => data.is_none(),
+    }
+}
+
+impl<B> Body for Instrumented<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = match this.kind.project() {
+            KindProj::Inner { body } => match body.poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => r.map(|r| r.map_err(Into::into)),
+            },
+            KindProj::Fixed { data } => data.take().map(|d| Ok(Frame::data(d))),
+        };
+        match &polled {
+            Some(Ok(frame)) => {
+                if let (Some(data), Some(rec)) = (frame.data_ref(), this.record.as_mut()) {
+                    rec.bytes_out += data.len() as u64;
+                }
+                // hyper stops polling once a body says it has ended, so finish here, not at `None`.
+                if kind_ended(this.kind.as_ref().get_ref()) {
+                    if let Some(rec) = this.record.take() {
+                        rec.finish(false);
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(rec) = this.record.as_mut() {
+                    rec.error.get_or_insert("response_body_error");
+                }
+            }
+            None => {
+                if let Some(rec) = this.record.take() {
+                    rec.finish(false);
+                }
+            }
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        kind_ended(&self.kind)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Inner { body } => body.size_hint(),
+            Kind::Fixed { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Listening sockets: binding, the accept loop, and connection limits.
+
+mod limits;
+
+pub use limits::{ConnLimits, Admission};
+
+use crate::conn::{serve_connection, ListenerShared};
+use crate::http::body::BoxError;
+use crate::http::RequestBody;
+use crate::observe::Switch;
+use bytes::Bytes;
+use http::{Request, Response};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Kernel accept queue length: absorbs bursts while workers are busy (nginx uses 511).
+const BACKLOG: i32 = 1024;
+
+/// Why a listener could not be bound (exit code 69).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address} (listener `{listener}`): {reason}; {fix}")]
+pub struct BindError {
+    pub listener: String,
+    pub address: SocketAddr,
+    pub reason: String,
+    pub fix: &'static str,
+}
+
+/// Binds `address` for listener `name`: non-blocking, SO_REUSEADDR (so a restart does not wait for
+/// TIME_WAIT), not SO_REUSEPORT (a second server on the same port must fail loudly, not share it).
+pub fn bind(name: &str, address: SocketAddr) -> Result<std::net::TcpListener, BindError> {
+    use socket2::{Domain, Socket, Type};
+    let err = |e: std::io::Error| {
+        let (reason, fix) = match e.kind() {
+            std::io::ErrorKind::AddrInUse => (
+                "address already in use".to_string(),
+                "stop the other process on that port (see `ss -ltnp`) or choose another address",
+            ),
+            std::io::ErrorKind::PermissionDenied => (
+                "permission denied".to_string(),
+                "ports below 1024 need root or CAP_NET_BIND_SERVICE; use a higher port or grant the capability",
+            ),
+            std::io::ErrorKind::AddrNotAvailable => (
+                "address not available on this host".to_string(),
+                "use an address assigned to a local interface, or 0.0.0.0",
+            ),
+            _ => (e.to_string(), "check the address"),
+        };
+        BindError {
+            listener: name.to_string(),
+            address,
+            reason,
+            fix,
+        }
+    };
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None).map_err(err)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true).map_err(err)?;
+    }
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&address.into()).map_err(err)?;
+    socket.listen(BACKLOG).map_err(err)?;
+    Ok(socket.into())
+}
+
+/// Accepts connections until draining begins, serving each with `svc` on the current runtime.
+pub async fn accept_loop<S, B>(listener: tokio::net::TcpListener, shared: Arc<ListenerShared>, limits: Arc<ConnLimits>, svc: S)
+where
+    S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut backoff = Duration::ZERO;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shared.shutdown.draining() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                backoff = Duration::ZERO;
+                shared.metrics.connections_accepted.get_or_create(&crate::observe::metrics::ListenerLabels { listener: shared.name.clone() }).inc();
+                let permit = match limits.admit(peer.ip()) {
+                    Admission::Admitted(p) => p,
+                    Admission::Refused(reason) => {
+                        shared.metrics.rejected(&shared.name, reason);
+                        shared.debug.event(Switch::Accept, &shared.name.0, peer, || format!("refused {peer}: {reason}"));
+                        drop(tcp);
+                        continue;
+                    }
+                };
+                shared.debug.event(Switch::Accept, &shared.name.0, peer, || format!("accepted {peer}"));
+                let shared = shared.clone();
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    serve_connection(tcp, peer, shared, svc).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning; the condition clears
+                // as connections close. Anything else concerns one connection only: carry on.
+                let resource = matches!(e.raw_os_error(), Some(23) | Some(24) | Some(12) | Some(105));
+                if resource {
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    tracing::warn!(listener = %shared.name.0, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed for lack of resources; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shared.shutdown.draining() => break,
+                    }
+                }
+            }
+        }
+    }
+    tracing::debug!(listener = %shared.name.0, "stopped accepting");
+}

@@ -1,0 +1,78 @@
+//! The `gatehouse` command: parse flags, run the command, map failures to documented exit codes.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "gatehouse", version, about = "An HTTP/1.1 + HTTP/2 server and reverse proxy in which nothing fails silently")]
+struct Cli {
+    /// Diagnostic log format (the access log is always JSON).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+    /// Diagnostic log level or filter, e.g. `info`, `debug`, `gatehouse=debug`.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormatArg {
+    Json,
+    Text,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server. Without -c and without ./gatehouse.toml, runs the embedded default.
+    Serve {
+        /// Configuration file.
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+    },
+    /// Validate configuration, certificates and keys without binding anything.
+    Check {
+        /// Configuration file.
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                _ => ExitCode::from(2),
+            };
+        }
+    };
+    match try_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gatehouse: {}", e.message.trim_end());
+            ExitCode::from(u8::try_from(e.code).unwrap_or(1))
+        }
+    }
+}
+
+fn try_main(cli: Cli) -> Result<(), gatehouse::app::Exit> {
+    // The log format flag wins; otherwise text on a terminal-less default is JSON per [log] format.
+    let format = match cli.log_format {
+        Some(LogFormatArg::Json) => gatehouse::config::LogFormat::Json,
+        Some(LogFormatArg::Text) => gatehouse::config::LogFormat::Text,
+        None => gatehouse::config::LogFormat::Text,
+    };
+    gatehouse::observe::logging::init(format, &cli.log_level).map_err(|message| gatehouse::app::Exit { code: 2, message })?;
+    match cli.command {
+        Command::Serve { config } => gatehouse::app::serve(config.as_deref()),
+        Command::Check { config } => {
+            let report = gatehouse::app::check(config.as_deref())?;
+            print!("{report}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Prometheus metrics: every `gatehouse_*` series from SPEC.md, and their exposition.
+//!
+//! Label values are bounded: listener names come from configuration, methods outside the
+//! standard set collapse to `OTHER`, and no path or client address is ever a label.
+
+use crate::conn::{CloseReason, Registry};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry as PromRegistry;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A configuration-defined name used as a label value (listener, upstream).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Name(pub Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, &self.0)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: Name,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub listener: Name,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub listener: Name,
+    pub result: &'static str,
+    pub tls_version: &'static str,
+    pub alpn: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub listener: Name,
+    pub protocol: &'static str,
+    pub method: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub listener: Name,
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    pub listener: Name,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpenLabels {
+    listener: Name,
+    protocol: &'static str,
+    state: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    // 100µs .. ~52s: covers cached static files through slow upstreams.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 20))
+}
+
+/// Every metric the server records. Cloning is cheap: each field is a shared handle.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub connections_accepted: Family<ListenerLabels, Counter>,
+    pub connections_rejected: Family<ReasonLabels, Counter>,
+    pub connections_closed: Family<ReasonLabels, Counter>,
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    pub alpn_fallback: Family<ReasonLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<ProtocolLabels, Histogram, fn() -> Histogram>,
+    pub timeouts: Family<TimeoutLabels, Counter>,
+    pub panics: Family<ListenerLabels, Counter>,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub ready: Gauge,
+    pub h2_goaway_sent: Family<ReasonLabels, Counter>,
+    pub access_log_dropped: Counter,
+    registry: Arc<PromRegistry>,
+}
+
+impl Metrics {
+    /// Creates every series and registers the live-connection collector over `conns`.
+    pub fn new(conns: Arc<Registry>) -> Metrics {
+        let mut r = PromRegistry::with_prefix("gatehouse");
+        let m = Metrics {
+            connections_accepted: Family::default(),
+            connections_rejected: Family::default(),
+            connections_closed: Family::default(),
+            tls_handshakes: Family::default(),
+            alpn_fallback: Family::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            timeouts: Family::default(),
+            panics: Family::default(),
+            reloads: Family::default(),
+            ready: Gauge::default(),
+            h2_goaway_sent: Family::default(),
+            access_log_dropped: Counter::default(),
+            registry: Arc::new(PromRegistry::default()),
+        };
+        r.register("connections_accepted", "Connections accepted", m.connections_accepted.clone());
+        r.register(
+            "connections_rejected",
+            "Connections refused at accept (max_connections, per_ip, draining)",
+            m.connections_rejected.clone(),
+        );
+        r.register("connections_closed", "Connections closed, by close reason", m.connections_closed.clone());
+        r.register("tls_handshakes", "TLS handshakes, by result, version and negotiated ALPN", m.tls_handshakes.clone());
+        r.register("alpn_fallback", "Connections served HTTP/1.1 although HTTP/2 was configured, by reason", m.alpn_fallback.clone());
+        r.register("requests", "Requests answered", m.requests.clone());
+        r.register_with_unit(
+            "request_duration",
+            "Time from request headers to the end of the response body",
+            prometheus_client::registry::Unit::Seconds,
+            m.request_duration.clone(),
+        );
+        r.register("timeouts", "Timeouts that fired, by phase", m.timeouts.clone());
+        r.register("panics", "Handler panics turned into 500 responses", m.panics.clone());
+        r.register("reloads", "Configuration reloads, by result", m.reloads.clone());
+        r.register("ready", "1 when the server is ready for traffic, 0 while starting or draining", m.ready.clone());
+        r.register("h2_goaway_sent", "HTTP/2 GOAWAY frames sent, by reason", m.h2_goaway_sent.clone());
+        r.register("access_log_dropped", "Access log lines dropped because the sink was too slow", m.access_log_dropped.clone());
+        r.register_collector(Box::new(OpenConnections { conns }));
+        Metrics {
+            registry: Arc::new(r),
+            ..m
+        }
+    }
+
+    /// The OpenMetrics text exposition of every series.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn connection_closed(&self, listener: &Name, reason: CloseReason) {
+        self.connections_closed
+            .get_or_create(&ReasonLabels {
+                listener: listener.clone(),
+                reason: reason.as_str(),
+            })
+            .inc();
+        if let Some(kind) = reason.timeout_kind() {
+            self.timeout(listener, kind);
+        }
+    }
+
+    pub fn timeout(&self, listener: &Name, kind: &'static str) {
+        self.timeouts
+            .get_or_create(&TimeoutLabels {
+                listener: listener.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    pub fn rejected(&self, listener: &Name, reason: &'static str) {
+        self.connections_rejected
+            .get_or_create(&ReasonLabels {
+                listener: listener.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn alpn_fallback(&self, listener: &Name, reason: &'static str) {
+        self.alpn_fallback
+            .get_or_create(&ReasonLabels {
+                listener: listener.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn goaway(&self, listener: &Name, reason: &'static str) {
+        self.h2_goaway_sent
+            .get_or_create(&ReasonLabels {
+                listener: listener.clone(),
+                reason,
+            })
+            .inc();
+    }
+}
+
+/// A method as a bounded label value.
+pub fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+/// `gatehouse_connections_open{listener,protocol,state}`, counted from the registry at scrape
+/// time so that the request path never touches a gauge.
+#[derive(Debug)]
+struct OpenConnections {
+    conns: Arc<Registry>,
+}
+
+impl Collector for OpenConnections {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut counts: HashMap<OpenLabels, i64> = HashMap::new();
+        for c in self.conns.snapshot() {
+            let labels = OpenLabels {
+                listener: Name(c.listener.clone()),
+                protocol: c.protocol().as_str(),
+                state: c.state().as_str(),
+            };
+            *counts.entry(labels).or_default() += 1;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "connections_open",
+            "Open connections, by listener, protocol and state",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        let mut rows: Vec<_> = counts.into_iter().collect();
+        rows.sort_by(|a, b| (&a.0.listener.0, a.0.protocol, a.0.state).cmp(&(&b.0.listener.0, b.0.protocol, b.0.state)));
+        for (labels, n) in rows {
+            ConstGauge::new(n).encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}

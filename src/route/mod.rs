@@ -1,0 +1,235 @@
+//! Routing: `[[routes]]` matched by host and path prefix, first match wins.
+
+use crate::config::{Builtin, Config, Findings, RouteConfig};
+use crate::handlers::{self, StaticFiles};
+use crate::http::body::ResponseBody;
+use crate::http::{RequestBody, RequestContext};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// A host pattern: exact name, `*.example.com` (one or more labels), or `*`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostPattern {
+    Any,
+    Exact(String),
+    /// The suffix including the leading dot: `.example.com`.
+    Wildcard(String),
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> HostPattern {
+        let s = s.trim().to_ascii_lowercase();
+        if s == "*" {
+            HostPattern::Any
+        } else if let Some(rest) = s.strip_prefix('*') {
+            HostPattern::Wildcard(rest.to_string())
+        } else {
+            HostPattern::Exact(s)
+        }
+    }
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Any => true,
+            HostPattern::Exact(h) => h.eq_ignore_ascii_case(host),
+            HostPattern::Wildcard(suffix) => {
+                host.len() > suffix.len() && host.to_ascii_lowercase().ends_with(suffix.as_str())
+            }
+        }
+    }
+}
+
+/// What a route does with a request.
+#[derive(Clone, Debug)]
+pub enum Handler {
+    Static(StaticFiles),
+    Redirect { target: String, status: StatusCode },
+    Respond { status: StatusCode, body: Bytes, content_type: HeaderValue },
+    ConnectionInfo,
+}
+
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub host: HostPattern,
+    /// Path prefix without a trailing slash ("" for "/").
+    pub prefix: String,
+    pub handler: Handler,
+}
+
+impl Route {
+    /// The part of `path` after this route's prefix, when the prefix matches on a segment boundary.
+    fn strip<'a>(&self, path: &'a str) -> Option<&'a str> {
+        let rest = path.strip_prefix(self.prefix.as_str())?;
+        (rest.is_empty() || rest.starts_with('/') || self.prefix.is_empty()).then_some(rest)
+    }
+}
+
+/// The compiled `[[routes]]`.
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    pub routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Compiles the routes; problems (a static directory that cannot be opened) go to `f`.
+    pub fn build(config: &Config, f: &mut Findings) -> RouteTable {
+        let routes = config
+            .routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| compile(i, r, f))
+            .collect();
+        RouteTable { routes }
+    }
+}
+
+fn compile(i: usize, r: &RouteConfig, f: &mut Findings) -> Option<Route> {
+    let handler = if let Some(dir) = &r.static_dir {
+        match StaticFiles::new(dir) {
+            Ok(s) => Handler::Static(s),
+            Err(e) => {
+                f.error(format!("routes[{i}].static"), format!("cannot open {}: {e}", dir.display()), "point static at a readable directory");
+                return None;
+            }
+        }
+    } else if let Some(target) = &r.redirect {
+        let status = StatusCode::from_u16(r.redirect_status.unwrap_or(308)).ok()?;
+        Handler::Redirect {
+            target: target.trim_end_matches('/').to_string(),
+            status,
+        }
+    } else if let Some(resp) = &r.respond {
+        let ct = resp.content_type.as_deref().unwrap_or("text/plain; charset=utf-8");
+        Handler::Respond {
+            status: StatusCode::from_u16(resp.status).ok()?,
+            body: Bytes::from(resp.body.clone()),
+            content_type: HeaderValue::from_str(ct).ok()?,
+        }
+    } else if let Some(Builtin::ConnectionInfo) = r.builtin {
+        Handler::ConnectionInfo
+    } else {
+        return None; // a route with no usable handler was reported by Config::validate
+    };
+    Some(Route {
+        host: HostPattern::parse(&r.host),
+        prefix: r.path.trim_end_matches('/').to_string(),
+        handler,
+    })
+}
+
+/// The binary's request handler: a tower service over the live route table.
+#[derive(Clone, Debug)]
+pub struct Router {
+    table: Arc<ArcSwap<RouteTable>>,
+}
+
+impl Router {
+    pub fn new(table: RouteTable) -> Self {
+        Router {
+            table: Arc::new(ArcSwap::from_pointee(table)),
+        }
+    }
+    /// Replaces the routes for new requests; requests in flight keep the table they started with.
+    pub fn replace(&self, table: RouteTable) {
+        self.table.store(Arc::new(table));
+    }
+}
+
+type RouterFuture = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+
+impl tower_service::Service<Request<RequestBody>> for Router {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = RouterFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<RequestBody>) -> RouterFuture {
+        let table = self.table.load_full();
+        Box::pin(async move { Ok(route(&table, req).await) })
+    }
+}
+
+fn request_host(req: &Request<RequestBody>) -> &str {
+    let raw = req
+        .uri()
+        .host()
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or("");
+    crate::http::strip_port(raw)
+}
+
+async fn route(table: &RouteTable, req: Request<RequestBody>) -> Response<ResponseBody> {
+    let host = request_host(&req);
+    let path = req.uri().path();
+    let Some((route, rest)) = table
+        .routes
+        .iter()
+        .find_map(|r| if r.host.matches(host) { r.strip(path).map(|rest| (r, rest)) } else { None })
+    else {
+        return handlers::text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    match &route.handler {
+        Handler::Static(files) => files.serve(req.method(), rest, req.headers()).await,
+        Handler::Redirect { target, status } => {
+            let mut location = format!("{target}{}", if rest.starts_with('/') || rest.is_empty() { rest } else { "/" });
+            if let Some(q) = req.uri().query() {
+                location.push('?');
+                location.push_str(q);
+            }
+            let mut r = Response::new(ResponseBody::empty());
+            *r.status_mut() = *status;
+            match HeaderValue::from_str(&location) {
+                Ok(v) => {
+                    r.headers_mut().insert(header::LOCATION, v);
+                    r
+                }
+                Err(_) => handlers::text(StatusCode::BAD_REQUEST, "bad request path\n"),
+            }
+        }
+        Handler::Respond { status, body, content_type } => {
+            let mut r = Response::new(ResponseBody::full(body.clone()));
+            *r.status_mut() = *status;
+            r.headers_mut().insert(header::CONTENT_TYPE, content_type.clone());
+            r
+        }
+        Handler::ConnectionInfo => handlers::connection_info(req.extensions().get::<RequestContext>(), req.headers()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_patterns() {
+        assert!(HostPattern::parse("*").matches("x"));
+        assert!(HostPattern::parse("A.example.com").matches("a.EXAMPLE.com"));
+        let w = HostPattern::parse("*.example.com");
+        assert!(w.matches("a.example.com"));
+        assert!(w.matches("a.b.example.com"));
+        assert!(!w.matches("example.com"));
+        assert!(!w.matches("badexample.com"));
+    }
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        let r = Route {
+            host: HostPattern::Any,
+            prefix: "/api".into(),
+            handler: Handler::ConnectionInfo,
+        };
+        assert_eq!(r.strip("/api"), Some(""));
+        assert_eq!(r.strip("/api/x"), Some("/x"));
+        assert_eq!(r.strip("/apix"), None);
+        let root = Route { prefix: "".into(), ..r };
+        assert_eq!(root.strip("/anything"), Some("/anything"));
+    }
+}

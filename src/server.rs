@@ -1,0 +1,390 @@
+//! `Server`: runs any tower service behind gatehouse's listeners, TLS, limits, timeouts and drain.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), gatehouse::StartError> {
+//! let config = gatehouse::Config::from_toml(r#"
+//!     [[listeners]]
+//!     name = "web"
+//!     address = "127.0.0.1:3000"
+//! "#)?;
+//! let app = tower::service_fn(|_req: http::Request<gatehouse::RequestBody>| async {
+//!     Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello\n")))
+//! });
+//! gatehouse::Server::bind(config)?.serve(app).await
+//! # }
+//! ```
+
+use crate::config::{Config, Findings, Severity};
+use crate::conn::{ConnSettings, ListenerShared, ProtocolPolicy, Registry};
+use crate::http::body::BoxError;
+use crate::http::RequestBody;
+use crate::lifecycle::{Phase, ShutdownTrigger};
+use crate::listen::{self, BindError, ConnLimits};
+use crate::observe::{AccessLog, Metrics, Name, PeerFilter, Switch, SwitchSet, Switches};
+use crate::tls::TlsServer;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Request, Response};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Why the server could not start. Each maps to a documented exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Configuration, certificate or key problems (exit 78). Holds every finding.
+    #[error("invalid configuration:\n{0}")]
+    Invalid(Findings),
+    /// A listener could not be bound (exit 69).
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// Anything else at start (exit 1).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StartError {
+    /// The exit code SPEC.md documents for this failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Invalid(_) => 78,
+            StartError::Bind(_) => 69,
+            StartError::Other(_) => 1,
+        }
+    }
+}
+
+/// Everything validated and loaded, nothing bound: what `gatehouse check` inspects.
+#[derive(Debug)]
+pub struct Prepared {
+    pub config: Config,
+    pub tls: Vec<Option<TlsServer>>,
+    /// Warnings (errors make `prepare` fail).
+    pub findings: Findings,
+}
+
+/// Validates `config` and loads every certificate and key, without binding anything.
+pub fn prepare(mut config: Config) -> Result<Prepared, StartError> {
+    if let Some(dir) = std::env::var_os("GATEHOUSE_STATE_DIR") {
+        config.server.state_dir = dir.into();
+    }
+    let mut findings = config.validate();
+    let mut tls = Vec::with_capacity(config.listeners.len());
+    for (i, l) in config.listeners.iter().enumerate() {
+        // Building TLS for a listener whose [tls] section is already invalid would only repeat errors.
+        let listener_ok = !findings.iter().any(|f| f.severity == Severity::Error && f.key.starts_with(&format!("listeners[{i}].tls")));
+        tls.push(if listener_ok { TlsServer::build(i, l, &config.server.state_dir, &mut findings) } else { None });
+    }
+    if findings.has_errors() {
+        return Err(StartError::Invalid(findings));
+    }
+    Ok(Prepared { config, tls, findings })
+}
+
+/// Shared view of a running server: shutdown, readiness, metrics and the connection table.
+#[derive(Clone, Debug)]
+pub struct ServerHandle {
+    trigger: ShutdownTrigger,
+    ready: Arc<AtomicBool>,
+    pub metrics: Metrics,
+    pub registry: Arc<Registry>,
+    pub switches: Switches,
+}
+
+impl ServerHandle {
+    /// Starts a graceful drain (as SIGTERM does).
+    pub fn shutdown(&self) {
+        self.set_ready(false);
+        self.trigger.advance(Phase::Draining);
+    }
+    /// Closes every connection now (as a second SIGTERM does).
+    pub fn force_close(&self) {
+        self.trigger.advance(Phase::Forced);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+        self.metrics.ready.set(i64::from(ready));
+    }
+    pub fn phase(&self) -> Phase {
+        self.trigger.phase()
+    }
+    pub(crate) fn trigger(&self) -> &ShutdownTrigger {
+        &self.trigger
+    }
+}
+
+/// A server with its listeners bound, ready to serve.
+pub struct Server {
+    prepared: Prepared,
+    listeners: Vec<(Arc<ListenerShared>, std::net::TcpListener)>,
+    limits: Arc<ConnLimits>,
+    handle: ServerHandle,
+    signals: bool,
+}
+
+impl Server {
+    /// Validates `config`, loads certificates, and binds every listener.
+    pub fn bind(config: Config) -> Result<Server, StartError> {
+        Server::bind_prepared(prepare(config)?)
+    }
+
+    /// Binds the listeners of an already prepared configuration.
+    pub fn bind_prepared(mut prepared: Prepared) -> Result<Server, StartError> {
+        let mut tls_servers = std::mem::take(&mut prepared.tls);
+        let registry = Arc::new(Registry::default());
+        let metrics = Metrics::new(registry.clone());
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        let c = &prepared.config;
+        let switches = Switches::new(SwitchSet::new(
+            &c.debug.switches.iter().filter_map(|s| Switch::parse(s)).collect::<Vec<_>>(),
+            c.debug.listener.clone(),
+            c.debug.peer.as_deref().and_then(|p| PeerFilter::parse(p).ok()),
+        ));
+        let access_log = AccessLog::open(&c.log, metrics.access_log_dropped.clone()).map_err(|e| {
+            let mut f = Findings::default();
+            f.error("log.access_log", format!("cannot open {}: {e}", c.log.access_log), "make the file's directory writable, or use \"stdout\" or \"off\"");
+            StartError::Invalid(f)
+        })?;
+        let access_log = Arc::new(access_log);
+        let settings = Arc::new(ConnSettings {
+            timeouts: c.timeouts.clone(),
+            limits: c.limits.clone(),
+            http2: c.http2.clone(),
+        });
+        let mut listeners = Vec::new();
+        for (i, l) in c.listeners.iter().enumerate() {
+            let socket = listen::bind(&l.name, l.address)?;
+            let tls = tls_servers.get_mut(i).and_then(Option::take);
+            let shared = Arc::new(ListenerShared {
+                name: Name(Arc::from(l.name.as_str())),
+                policy: ProtocolPolicy::from_config(l),
+                tls: tls.map(ArcSwap::from_pointee),
+                settings: ArcSwap::new(settings.clone()),
+                metrics: metrics.clone(),
+                access_log: ArcSwap::new(access_log.clone()),
+                registry: registry.clone(),
+                shutdown: shutdown.clone(),
+                debug: switches.clone(),
+            });
+            listeners.push((shared, socket));
+        }
+        let limits = ConnLimits::new(c.limits.max_connections, c.limits.max_connections_per_ip);
+        let handle = ServerHandle {
+            trigger,
+            ready: Arc::new(AtomicBool::new(false)),
+            metrics,
+            registry,
+            switches,
+        };
+        Ok(Server {
+            prepared,
+            listeners,
+            limits,
+            handle,
+            signals: true,
+        })
+    }
+
+    /// The address listener `name` is bound to (useful with port 0).
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(s, _)| &*s.name.0 == name)
+            .and_then(|(_, l)| l.local_addr().ok())
+    }
+
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.prepared.config
+    }
+
+    /// Warnings found while preparing (expiring certificates, loose key permissions...).
+    pub fn findings(&self) -> &Findings {
+        &self.prepared.findings
+    }
+
+    /// Do not install SIGTERM/SIGINT handlers; shut down through [`ServerHandle::shutdown`] only.
+    pub fn without_signal_handling(mut self) -> Self {
+        self.signals = false;
+        self
+    }
+
+    /// Describes each listener: address, TLS, protocols, certificate subject and expiry.
+    pub fn protocol_table(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::from("listener        address                   tls   protocols            certificate\n");
+        for (shared, sock) in &self.listeners {
+            let cfg = self.prepared.config.listeners.iter().find(|l| *l.name == *shared.name.0);
+            let protos: Vec<&str> = cfg.map(|c| c.effective_protocols().iter().map(|p| p.as_str()).collect()).unwrap_or_default();
+            let mut protos = protos.join(",");
+            if cfg.is_some_and(|c| c.h2c_upgrade) {
+                protos.push_str("+upgrade");
+            }
+            let addr = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let (tls, cert) = match &shared.tls {
+                Some(t) => {
+                    let t = t.load();
+                    let certs: Vec<String> = t
+                        .certs
+                        .iter()
+                        .map(|c| format!("{} (expires {}) {}", c.subject, httpdate::fmt_http_date(c.not_after), c.source))
+                        .collect();
+                    ("yes", certs.join("; "))
+                }
+                None => ("no", "-".to_string()),
+            };
+            let _ = writeln!(out, "{:<15} {:<25} {:<5} {:<20} {}", shared.name.0, addr, tls, protos, cert);
+        }
+        out
+    }
+
+    /// Serves `svc` on the current tokio runtime until shut down, then drains.
+    pub async fn serve<S, B>(self, svc: S) -> Result<(), StartError>
+    where
+        S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let handles = vec![tokio::runtime::Handle::current()];
+        self.serve_on(svc, handles).await
+    }
+
+    /// Serves on `workers` threads, each with its own single-threaded runtime (0 = one per core),
+    /// running `control` (admin API, reload) on the calling thread. Blocks until drained.
+    pub fn run<S, B, F>(self, svc: S, workers: usize, control: impl FnOnce(ServerHandle) -> F) -> Result<(), StartError>
+    where
+        S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+        F: std::future::Future<Output = ()> + 'static,
+    {
+        let workers = if workers == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { workers };
+        let mut handles = Vec::with_capacity(workers);
+        let mut threads = Vec::with_capacity(workers);
+        for i in 0..workers {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| StartError::Other(format!("cannot start worker runtime: {e}")))?;
+            handles.push(rt.handle().clone());
+            let handle = self.handle.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("gatehouse-worker-{i}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        let shutdown = handle.trigger().subscribe();
+                        shutdown.forced().await;
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), handle.registry.wait_empty()).await;
+                    })
+                })
+                .map_err(|e| StartError::Other(format!("cannot start worker thread: {e}")))?;
+            threads.push(t);
+        }
+        let control_rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StartError::Other(format!("cannot start control runtime: {e}")))?;
+        let handle = self.handle.clone();
+        let result = control_rt.block_on(async move {
+            let local = tokio::task::LocalSet::new();
+            local
+                .run_until(async move {
+                    tokio::task::spawn_local(control(handle));
+                    self.serve_on(svc, handles).await
+                })
+                .await
+        });
+        for t in threads {
+            let _ = t.join();
+        }
+        result
+    }
+
+    async fn serve_on<S, B>(self, svc: S, workers: Vec<tokio::runtime::Handle>) -> Result<(), StartError>
+    where
+        S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        for (shared, socket) in &self.listeners {
+            for w in &workers {
+                let sock = socket
+                    .try_clone()
+                    .map_err(|e| StartError::Other(format!("cannot share listener {}: {e}", shared.name.0)))?;
+                let shared = shared.clone();
+                let limits = self.limits.clone();
+                let svc = svc.clone();
+                w.spawn(async move {
+                    match tokio::net::TcpListener::from_std(sock) {
+                        Ok(l) => listen::accept_loop(l, shared, limits, svc).await,
+                        Err(e) => tracing::error!(listener = %shared.name.0, error = %e, "cannot register listener"),
+                    }
+                });
+            }
+        }
+        drop(self.listeners);
+        let handle = self.handle.clone();
+        handle.set_ready(true);
+        let shutdown = handle.trigger().subscribe();
+        let drain_timeout = self.prepared.config.shutdown.drain_timeout.get();
+        let drain_delay = self.prepared.config.shutdown.drain_delay.get();
+        if self.signals {
+            wait_for_signal_or(&shutdown).await;
+        } else {
+            shutdown.draining().await;
+        }
+        // Readiness flips first so load balancers stop sending, then serving continues for the delay.
+        handle.set_ready(false);
+        if !drain_delay.is_zero() && handle.phase() == Phase::Running {
+            tracing::info!(delay_ms = drain_delay.as_millis() as u64, "readiness is 503; still serving during drain_delay");
+            tokio::select! {
+                _ = tokio::time::sleep(drain_delay) => {}
+                _ = shutdown.forced() => {}
+            }
+        }
+        let second_signal = async {
+            if self.signals {
+                wait_for_signal().await;
+            } else {
+                shutdown.forced().await;
+            }
+        };
+        // Connections cut at the deadline are counted by their own tasks as `drain_forced`.
+        crate::lifecycle::drain(handle.trigger(), &handle.registry, drain_timeout, second_signal).await;
+        Ok(())
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+                _ = int.recv() => tracing::info!(signal = "SIGINT", "shutdown requested"),
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+async fn wait_for_signal_or(shutdown: &crate::lifecycle::Shutdown) {
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        _ = shutdown.draining() => {}
+    }
+}
