@@ -418,7 +418,8 @@ where
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let polled = match this.kind.project() {
+        let mut kind = this.kind;
+        let polled = match kind.as_mut().project() {
             KindProj::Inner { body } => match body.poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(r) => r.map(|r| r.map_err(Into::into)),
@@ -431,7 +432,7 @@ where
                     rec.bytes_out += data.len() as u64;
                 }
                 // hyper stops polling once a body says it has ended, so finish here, not at `None`.
-                if kind_ended(this.kind.as_ref().get_ref()) {
+                if kind_ended(kind.as_ref().get_ref()) {
                     if let Some(rec) = this.record.take() {
                         rec.finish(false);
                     }
