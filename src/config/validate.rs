@@ -115,7 +115,8 @@ impl Config {
                     "give every listener a unique name (it labels metrics and logs)",
                 );
             }
-            if !addrs.insert(l.address) {
+            // Port 0 asks the kernel for a free port, so two such listeners never collide.
+            if l.address.port() != 0 && !addrs.insert(l.address) {
                 f.error(
                     format!("{key}.address"),
                     format!("{} is used by an earlier listener", l.address),
