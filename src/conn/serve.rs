@@ -18,6 +18,10 @@ use tokio::net::TcpStream;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// After a graceful HTTP/2 close starts (GOAWAY + PING), how long an idle connection may take to
+/// finish the round trip before it is closed anyway. Busy connections wait for their streams.
+const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves one accepted TCP connection until it closes, with `svc` answering its requests.
 pub async fn serve_connection<S, B>(tcp: TcpStream, peer: SocketAddr, listener: Arc<ListenerShared>, svc: S)
 where
@@ -315,6 +319,7 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
                 info.set_state(ConnState::Closing);
                 if !http1 {
                     listener.metrics.goaway(&listener.name, "shutdown");
+                    sleep.as_mut().reset(tokio::time::Instant::now() + GOAWAY_GRACE);
                 }
                 hconn.as_mut().graceful();
             }
@@ -322,12 +327,18 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
                 initiated = Some(CloseReason::MaxRequests);
                 info.set_state(ConnState::Closing);
                 listener.metrics.goaway(&listener.name, "max_requests");
+                sleep.as_mut().reset(tokio::time::Instant::now() + GOAWAY_GRACE);
                 hconn.as_mut().graceful();
             }
             _ = listener.shutdown.forced() => return CloseReason::DrainForced,
             _ = &mut sleep => {
                 if let Some(reason) = initiated {
-                    // A graceful close we started did not finish in time: the peer is unresponsive.
+                    if info.in_flight() > 0 {
+                        // Streams are still being answered; the drain deadline bounds this wait.
+                        sleep.as_mut().reset(tokio::time::Instant::now() + GOAWAY_GRACE);
+                        continue;
+                    }
+                    // The graceful close we started did not finish: the peer is not answering.
                     return reason;
                 }
                 let settings = listener.settings.load();

@@ -1,0 +1,136 @@
+//! Connection lifecycle on real sockets: max requests per connection, panics, timeouts, paths.
+
+mod common;
+
+use common::{raw_exchange, TestServer};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CLEAR: &str = "[[listeners]]\nname = \"c\"\naddress = \"127.0.0.1:0\"\nprotocols = [\"http/1.1\", \"h2c\"]\n";
+
+#[tokio::test]
+async fn max_requests_closes_http1_with_connection_close() {
+    let srv = TestServer::start(&format!("{CLEAR}[limits]\nmax_requests_per_connection = 2\n[[routes]]\nrespond = {{ status = 200, body = \"ok\" }}\n")).await;
+    let mut s = tokio::net::TcpStream::connect(srv.addr("c")).await.unwrap();
+    // Pipelined: both requests in one write; the second answer must carry Connection: close.
+    s.write_all(b"GET /1 HTTP/1.1\r\nhost: a\r\n\r\nGET /2 HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.expect("server must close").unwrap();
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    let responses: Vec<&str> = text.split("http/1.1 200").skip(1).collect();
+    assert_eq!(responses.len(), 2, "{text}");
+    assert!(!responses[0].contains("connection: close"), "{text}");
+    assert!(responses[1].contains("connection: close"), "{text}");
+    assert!(srv.wait_metric(r#"gatehouse_connections_closed_total{listener="c",reason="max_requests"}"#, 1.0).await);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn max_requests_sends_goaway_on_http2() {
+    let srv = TestServer::start(&format!("{CLEAR}[limits]\nmax_requests_per_connection = 2\n[[routes]]\nrespond = {{ status = 200, body = \"ok\" }}\n")).await;
+    let tcp = tokio::net::TcpStream::connect(srv.addr("c")).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let conn_task = tokio::spawn(connection);
+    for i in 0..2 {
+        let req = http::Request::get(format!("http://a/{i}")).body(()).unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        while let Some(chunk) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.unwrap().len());
+        }
+    }
+    // After the GOAWAY, the client's connection finishes cleanly on its own.
+    let done = tokio::time::timeout(Duration::from_secs(5), conn_task).await.expect("GOAWAY must end the connection");
+    assert!(done.unwrap().is_ok());
+    assert!(srv.wait_metric(r#"gatehouse_h2_goaway_sent_total{listener="c",reason="max_requests"}"#, 1.0).await);
+    assert!(srv.wait_metric(r#"gatehouse_connections_closed_total{listener="c",reason="max_requests"}"#, 1.0).await);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn static_refuses_traversal_and_symlink_escapes() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret.txt"), "secret").unwrap();
+    std::fs::write(root.path().join("ok.txt"), "fine").unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret.txt"), root.path().join("escape.txt")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.path().join("escape-dir")).unwrap();
+    let srv = TestServer::start(&format!("{CLEAR}[[routes]]\nstatic = \"{}\"\n", root.path().display())).await;
+    let addr = srv.addr("c");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+    assert!(raw_exchange(addr, get("/ok.txt").as_bytes()).await.starts_with("HTTP/1.1 200"));
+    for path in ["/../secret.txt", "/%2e%2e/secret.txt", "/escape.txt", "/escape-dir/secret.txt", "/a/%2E%2E/%2e%2e/secret.txt"] {
+        let resp = raw_exchange(addr, get(path).as_bytes()).await;
+        assert!(!resp.contains("secret"), "{path} leaked: {resp}");
+        assert!(resp.starts_with("HTTP/1.1 404") || resp.starts_with("HTTP/1.1 400"), "{path}: {resp}");
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn first_request_and_idle_timeouts_close_with_named_reasons() {
+    let srv = TestServer::start(&format!(
+        "{CLEAR}[timeouts]\nfirst_request = \"300ms\"\nidle = \"300ms\"\nheader_read = \"300ms\"\n[[routes]]\nrespond = {{ status = 200, body = \"ok\" }}\n"
+    ))
+    .await;
+    let addr = srv.addr("c");
+    // Never sends a byte.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut b)).await.expect("closed by server").unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(srv.wait_metric(r#"gatehouse_connections_closed_total{listener="c",reason="first_request_timeout"}"#, 1.0).await);
+    // One request, then silence: idle timeout.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await.expect("closed by server").unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    assert!(srv.wait_metric(r#"gatehouse_connections_closed_total{listener="c",reason="idle_timeout"}"#, 1.0).await);
+    // Half a request head, then silence: header timeout (slowloris).
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await.expect("closed by server").unwrap();
+    assert!(srv.wait_metric(r#"gatehouse_connections_closed_total{listener="c",reason="header_timeout"}"#, 1.0).await);
+    assert_eq!(srv.metric(r#"gatehouse_timeouts_total{listener="c",kind="header_read"}"#), 1.0);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_panicking_handler_answers_500_and_the_connection_keeps_serving() {
+    use gatehouse::{Config, Server};
+    let config = Config::from_toml(&format!("{CLEAR}[log]\naccess_log = \"off\"\n[admin]\naddress = \"\"\n")).unwrap();
+    let server = Server::bind(config).unwrap().without_signal_handling();
+    let addr = server.local_addr("c").unwrap();
+    let handle = server.handle();
+    let svc = tower::service_fn(|req: http::Request<gatehouse::RequestBody>| async move {
+        if req.uri().path() == "/panic" {
+            panic!("handler bug");
+        }
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from("fine"))))
+    });
+    let task = tokio::spawn(server.serve(svc));
+
+    // HTTP/1.1: the 500 keeps the connection usable.
+    let resp = raw_exchange(addr, b"GET /panic HTTP/1.1\r\nhost: a\r\n\r\nGET /ok HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 500"), "{resp}");
+    assert!(resp.contains("HTTP/1.1 200") && resp.ends_with("fine"), "{resp}");
+
+    // HTTP/2: the other stream on the same connection is served.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let (bad, _) = client.send_request(http::Request::get("http://a/panic").body(()).unwrap(), true).unwrap();
+    let (good, _) = client.send_request(http::Request::get("http://a/ok").body(()).unwrap(), true).unwrap();
+    assert_eq!(bad.await.unwrap().status(), 500);
+    assert_eq!(good.await.unwrap().status(), 200);
+    assert_eq!(
+        handle.metrics.encode().lines().find(|l| l.starts_with("gatehouse_panics_total{")).unwrap(),
+        r#"gatehouse_panics_total{listener="c"} 2"#
+    );
+    handle.shutdown();
+    tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap().unwrap();
+}
