@@ -19,12 +19,18 @@ impl From<StartError> for Exit {
             StartError::Invalid(f) => format!("configuration refused; nothing was started:\n{f}"),
             other => other.to_string(),
         };
-        Exit { code: e.exit_code(), message }
+        Exit {
+            code: e.exit_code(),
+            message,
+        }
     }
 }
 
 fn load(path: Option<&Path>) -> Result<(config::Config, ConfigSource), Exit> {
-    config::load(path).map_err(|e| Exit { code: 78, message: e.to_string() })
+    config::load(path).map_err(|e| Exit {
+        code: 78,
+        message: e.to_string(),
+    })
 }
 
 fn print_warnings(f: &Findings) {
@@ -36,10 +42,7 @@ fn print_warnings(f: &Findings) {
 /// `gatehouse check`: validates configuration, certificates and keys; binds nothing.
 pub fn check(path: Option<&Path>) -> Result<String, Exit> {
     let (config, source) = load(path)?;
-    let mut prepared = match prepare(config) {
-        Ok(p) => p,
-        Err(e) => return Err(e.into()),
-    };
+    let mut prepared = prepare(config)?;
     let mut routes = Findings::default();
     RouteTable::build(&prepared.config, &mut routes);
     if routes.has_errors() {
@@ -74,14 +77,23 @@ pub fn serve(path: Option<&Path>) -> Result<(), Exit> {
     let admin_listener = match prepared.config.admin.address.as_str() {
         "" => None,
         a => {
-            let addr = a.parse().map_err(|_| Exit { code: 78, message: format!("admin.address `{a}` is not an address") })?;
-            Some(crate::admin::bind(addr).map_err(|e| Exit { code: 69, message: e.to_string() })?)
+            let addr = a.parse().map_err(|_| Exit {
+                code: 78,
+                message: format!("admin.address `{a}` is not an address"),
+            })?;
+            Some(crate::admin::bind(addr).map_err(|e| Exit {
+                code: 69,
+                message: e.to_string(),
+            })?)
         }
     };
     let token = match &prepared.config.admin.token_file {
         Some(p) => Some(
             std::fs::read_to_string(p)
-                .map_err(|e| Exit { code: 78, message: format!("admin.token_file: cannot read {}: {e}", p.display()) })?
+                .map_err(|e| Exit {
+                    code: 78,
+                    message: format!("admin.token_file: cannot read {}: {e}", p.display()),
+                })?
                 .trim()
                 .to_string(),
         ),
@@ -92,7 +104,12 @@ pub fn serve(path: Option<&Path>) -> Result<(), Exit> {
         .listeners
         .iter()
         .filter(|l| l.tls.as_ref().is_some_and(|t| t.self_signed.is_some()))
-        .map(|l| (l.name.clone(), crate::tls::selfsigned::paths(&prepared.config.server.state_dir, &l.name).0))
+        .map(|l| {
+            (
+                l.name.clone(),
+                crate::tls::selfsigned::paths(&prepared.config.server.state_dir, &l.name).0,
+            )
+        })
         .collect();
     let workers = prepared.config.server.workers;
     let config = Arc::new(prepared.config.clone());
@@ -101,7 +118,11 @@ pub fn serve(path: Option<&Path>) -> Result<(), Exit> {
     eprint!("{}", server.protocol_table());
     for (name, cert) in &self_signed {
         let port = server.local_addr(name).map(|a| a.port()).unwrap_or(0);
-        eprintln!("self-signed certificate for `{name}`: {}  (try: curl --cacert {} https://localhost:{port}/)", cert.display(), cert.display());
+        eprintln!(
+            "self-signed certificate for `{name}`: {}  (try: curl --cacert {} https://localhost:{port}/)",
+            cert.display(),
+            cert.display()
+        );
     }
     if let Some(l) = &admin_listener {
         if let Ok(a) = l.local_addr() {

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "gatehouse", version, about = "An HTTP/1.1 + HTTP/2 server and reverse proxy in which nothing fails silently")]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "An HTTP/1.1 + HTTP/2 server and reverse proxy in which nothing fails silently"
+)]
 struct Cli {
     /// Diagnostic log format (the access log is always JSON).
     #[arg(long, global = true, value_enum)]
@@ -66,7 +70,8 @@ fn try_main(cli: Cli) -> Result<(), gatehouse::app::Exit> {
         Some(LogFormatArg::Text) => gatehouse::config::LogFormat::Text,
         None => gatehouse::config::LogFormat::Text,
     };
-    gatehouse::observe::logging::init(format, &cli.log_level).map_err(|message| gatehouse::app::Exit { code: 2, message })?;
+    gatehouse::observe::logging::init(format, &cli.log_level)
+        .map_err(|message| gatehouse::app::Exit { code: 2, message })?;
     match cli.command {
         Command::Serve { config } => gatehouse::app::serve(config.as_deref()),
         Command::Check { config } => {

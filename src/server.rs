@@ -74,8 +74,14 @@ pub fn prepare(mut config: Config) -> Result<Prepared, StartError> {
     let mut tls = Vec::with_capacity(config.listeners.len());
     for (i, l) in config.listeners.iter().enumerate() {
         // Building TLS for a listener whose [tls] section is already invalid would only repeat errors.
-        let listener_ok = !findings.iter().any(|f| f.severity == Severity::Error && f.key.starts_with(&format!("listeners[{i}].tls")));
-        tls.push(if listener_ok { TlsServer::build(i, l, &config.server.state_dir, &mut findings) } else { None });
+        let listener_ok = !findings
+            .iter()
+            .any(|f| f.severity == Severity::Error && f.key.starts_with(&format!("listeners[{i}].tls")));
+        tls.push(if listener_ok {
+            TlsServer::build(i, l, &config.server.state_dir, &mut findings)
+        } else {
+            None
+        });
     }
     if findings.has_errors() {
         return Err(StartError::Invalid(findings));
@@ -141,13 +147,21 @@ impl Server {
         let (trigger, shutdown) = ShutdownTrigger::new();
         let c = &prepared.config;
         let switches = Switches::new(SwitchSet::new(
-            &c.debug.switches.iter().filter_map(|s| Switch::parse(s)).collect::<Vec<_>>(),
+            &c.debug
+                .switches
+                .iter()
+                .filter_map(|s| Switch::parse(s))
+                .collect::<Vec<_>>(),
             c.debug.listener.clone(),
             c.debug.peer.as_deref().and_then(|p| PeerFilter::parse(p).ok()),
         ));
         let access_log = AccessLog::open(&c.log, metrics.access_log_dropped.clone()).map_err(|e| {
             let mut f = Findings::default();
-            f.error("log.access_log", format!("cannot open {}: {e}", c.log.access_log), "make the file's directory writable, or use \"stdout\" or \"off\"");
+            f.error(
+                "log.access_log",
+                format!("cannot open {}: {e}", c.log.access_log),
+                "make the file's directory writable, or use \"stdout\" or \"off\"",
+            );
             StartError::Invalid(f)
         })?;
         let access_log = Arc::new(access_log);
@@ -220,10 +234,18 @@ impl Server {
     /// Describes each listener: address, TLS, protocols, certificate subject and expiry.
     pub fn protocol_table(&self) -> String {
         use std::fmt::Write;
-        let mut out = String::from("listener        address                   tls   protocols            certificate\n");
+        let mut out =
+            String::from("listener        address                   tls   protocols            certificate\n");
         for (shared, sock) in &self.listeners {
-            let cfg = self.prepared.config.listeners.iter().find(|l| *l.name == *shared.name.0);
-            let protos: Vec<&str> = cfg.map(|c| c.effective_protocols().iter().map(|p| p.as_str()).collect()).unwrap_or_default();
+            let cfg = self
+                .prepared
+                .config
+                .listeners
+                .iter()
+                .find(|l| *l.name == *shared.name.0);
+            let protos: Vec<&str> = cfg
+                .map(|c| c.effective_protocols().iter().map(|p| p.as_str()).collect())
+                .unwrap_or_default();
             let mut protos = protos.join(",");
             if cfg.is_some_and(|c| c.h2c_upgrade) {
                 protos.push_str("+upgrade");
@@ -235,13 +257,24 @@ impl Server {
                     let certs: Vec<String> = t
                         .certs
                         .iter()
-                        .map(|c| format!("{} (expires {}) {}", c.subject, httpdate::fmt_http_date(c.not_after), c.source))
+                        .map(|c| {
+                            format!(
+                                "{} (expires {}) {}",
+                                c.subject,
+                                httpdate::fmt_http_date(c.not_after),
+                                c.source
+                            )
+                        })
                         .collect();
                     ("yes", certs.join("; "))
                 }
                 None => ("no", "-".to_string()),
             };
-            let _ = writeln!(out, "{:<15} {:<25} {:<5} {:<20} {}", shared.name.0, addr, tls, protos, cert);
+            let _ = writeln!(
+                out,
+                "{:<15} {:<25} {:<5} {:<20} {}",
+                shared.name.0, addr, tls, protos, cert
+            );
         }
         out
     }
@@ -270,7 +303,11 @@ impl Server {
         B::Error: Into<BoxError>,
         F: std::future::Future<Output = ()> + 'static,
     {
-        let workers = if workers == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { workers };
+        let workers = if workers == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            workers
+        };
         let mut handles = Vec::with_capacity(workers);
         let mut threads = Vec::with_capacity(workers);
         for i in 0..workers {
@@ -286,7 +323,8 @@ impl Server {
                     rt.block_on(async move {
                         let shutdown = handle.trigger().subscribe();
                         shutdown.forced().await;
-                        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), handle.registry.wait_empty()).await;
+                        let _ =
+                            tokio::time::timeout(std::time::Duration::from_secs(2), handle.registry.wait_empty()).await;
                     })
                 })
                 .map_err(|e| StartError::Other(format!("cannot start worker thread: {e}")))?;
@@ -350,7 +388,10 @@ impl Server {
         // Readiness flips first so load balancers stop sending, then serving continues for the delay.
         handle.set_ready(false);
         if !drain_delay.is_zero() && handle.phase() == Phase::Running {
-            tracing::info!(delay_ms = drain_delay.as_millis() as u64, "readiness is 503; still serving during drain_delay");
+            tracing::info!(
+                delay_ms = drain_delay.as_millis() as u64,
+                "readiness is 503; still serving during drain_delay"
+            );
             tokio::select! {
                 _ = tokio::time::sleep(drain_delay) => {}
                 _ = shutdown.forced() => {}

@@ -10,24 +10,41 @@ const CLEAR: &str = "[[listeners]]\nname = \"c\"\naddress = \"127.0.0.1:0\"\npro
 
 #[tokio::test]
 async fn max_requests_closes_http1_with_connection_close() {
-    let srv = TestServer::start(&format!("{CLEAR}[limits]\nmax_requests_per_connection = 2\n[[routes]]\nrespond = {{ status = 200, body = \"ok\" }}\n")).await;
+    let srv = TestServer::start(&format!(
+        "{CLEAR}[limits]\nmax_requests_per_connection = 2\n[[routes]]\nrespond = {{ status = 200, body = \"ok\" }}\n"
+    ))
+    .await;
     let mut s = tokio::net::TcpStream::connect(srv.addr("c")).await.unwrap();
     // Pipelined: both requests in one write; the second answer must carry Connection: close.
-    s.write_all(b"GET /1 HTTP/1.1\r\nhost: a\r\n\r\nGET /2 HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /1 HTTP/1.1\r\nhost: a\r\n\r\nGET /2 HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.expect("server must close").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("server must close")
+        .unwrap();
     let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
     let responses: Vec<&str> = text.split("http/1.1 200").skip(1).collect();
     assert_eq!(responses.len(), 2, "{text}");
     assert!(!responses[0].contains("connection: close"), "{text}");
     assert!(responses[1].contains("connection: close"), "{text}");
-    assert!(srv.wait_metric(r#"gatehouse_connections_closed_total{listener="c",reason="max_requests"}"#, 1.0).await);
+    assert!(
+        srv.wait_metric(
+            r#"gatehouse_connections_closed_total{listener="c",reason="max_requests"}"#,
+            1.0
+        )
+        .await
+    );
     srv.stop().await;
 }
 
 #[tokio::test]
 async fn max_requests_sends_goaway_on_http2() {
-    let srv = TestServer::start(&format!("{CLEAR}[limits]\nmax_requests_per_connection = 2\n[[routes]]\nrespond = {{ status = 200, body = \"ok\" }}\n")).await;
+    let srv = TestServer::start(&format!(
+        "{CLEAR}[limits]\nmax_requests_per_connection = 2\n[[routes]]\nrespond = {{ status = 200, body = \"ok\" }}\n"
+    ))
+    .await;
     let tcp = tokio::net::TcpStream::connect(srv.addr("c")).await.unwrap();
     let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
     let conn_task = tokio::spawn(connection);
@@ -42,10 +59,24 @@ async fn max_requests_sends_goaway_on_http2() {
         }
     }
     // After the GOAWAY, the client's connection finishes cleanly on its own.
-    let done = tokio::time::timeout(Duration::from_secs(5), conn_task).await.expect("GOAWAY must end the connection");
+    let done = tokio::time::timeout(Duration::from_secs(5), conn_task)
+        .await
+        .expect("GOAWAY must end the connection");
     assert!(done.unwrap().is_ok());
-    assert!(srv.wait_metric(r#"gatehouse_h2_goaway_sent_total{listener="c",reason="max_requests"}"#, 1.0).await);
-    assert!(srv.wait_metric(r#"gatehouse_connections_closed_total{listener="c",reason="max_requests"}"#, 1.0).await);
+    assert!(
+        srv.wait_metric(
+            r#"gatehouse_h2_goaway_sent_total{listener="c",reason="max_requests"}"#,
+            1.0
+        )
+        .await
+    );
+    assert!(
+        srv.wait_metric(
+            r#"gatehouse_connections_closed_total{listener="c",reason="max_requests"}"#,
+            1.0
+        )
+        .await
+    );
     srv.stop().await;
 }
 
@@ -60,11 +91,22 @@ async fn static_refuses_traversal_and_symlink_escapes() {
     let srv = TestServer::start(&format!("{CLEAR}[[routes]]\nstatic = \"{}\"\n", root.path().display())).await;
     let addr = srv.addr("c");
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
-    assert!(raw_exchange(addr, get("/ok.txt").as_bytes()).await.starts_with("HTTP/1.1 200"));
-    for path in ["/../secret.txt", "/%2e%2e/secret.txt", "/escape.txt", "/escape-dir/secret.txt", "/a/%2E%2E/%2e%2e/secret.txt"] {
+    assert!(raw_exchange(addr, get("/ok.txt").as_bytes())
+        .await
+        .starts_with("HTTP/1.1 200"));
+    for path in [
+        "/../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/escape.txt",
+        "/escape-dir/secret.txt",
+        "/a/%2E%2E/%2e%2e/secret.txt",
+    ] {
         let resp = raw_exchange(addr, get(path).as_bytes()).await;
         assert!(!resp.contains("secret"), "{path} leaked: {resp}");
-        assert!(resp.starts_with("HTTP/1.1 404") || resp.starts_with("HTTP/1.1 400"), "{path}: {resp}");
+        assert!(
+            resp.starts_with("HTTP/1.1 404") || resp.starts_with("HTTP/1.1 400"),
+            "{path}: {resp}"
+        );
     }
     srv.stop().await;
 }
@@ -79,30 +121,63 @@ async fn first_request_and_idle_timeouts_close_with_named_reasons() {
     // Never sends a byte.
     let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut b = [0u8; 1];
-    let n = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut b)).await.expect("closed by server").unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut b))
+        .await
+        .expect("closed by server")
+        .unwrap_or(0);
     assert_eq!(n, 0);
-    assert!(srv.wait_metric(r#"gatehouse_connections_closed_total{listener="c",reason="first_request_timeout"}"#, 1.0).await);
+    assert!(
+        srv.wait_metric(
+            r#"gatehouse_connections_closed_total{listener="c",reason="first_request_timeout"}"#,
+            1.0
+        )
+        .await
+    );
     // One request, then silence: idle timeout.
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await.expect("closed by server").unwrap();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out))
+        .await
+        .expect("closed by server")
+        .unwrap();
     assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
-    assert!(srv.wait_metric(r#"gatehouse_connections_closed_total{listener="c",reason="idle_timeout"}"#, 1.0).await);
+    assert!(
+        srv.wait_metric(
+            r#"gatehouse_connections_closed_total{listener="c",reason="idle_timeout"}"#,
+            1.0
+        )
+        .await
+    );
     // Half a request head, then silence: header timeout (slowloris).
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n").await.unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await.expect("closed by server").unwrap();
-    assert!(srv.wait_metric(r#"gatehouse_connections_closed_total{listener="c",reason="header_timeout"}"#, 1.0).await);
-    assert_eq!(srv.metric(r#"gatehouse_timeouts_total{listener="c",kind="header_read"}"#), 1.0);
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out))
+        .await
+        .expect("closed by server")
+        .unwrap();
+    assert!(
+        srv.wait_metric(
+            r#"gatehouse_connections_closed_total{listener="c",reason="header_timeout"}"#,
+            1.0
+        )
+        .await
+    );
+    assert_eq!(
+        srv.metric(r#"gatehouse_timeouts_total{listener="c",kind="header_read"}"#),
+        1.0
+    );
     srv.stop().await;
 }
 
 #[tokio::test]
 async fn a_panicking_handler_answers_500_and_the_connection_keeps_serving() {
     use gatehouse::{Config, Server};
-    let config = Config::from_toml(&format!("{CLEAR}[log]\naccess_log = \"off\"\n[admin]\naddress = \"\"\n")).unwrap();
+    let config = Config::from_toml(&format!(
+        "{CLEAR}[log]\naccess_log = \"off\"\n[admin]\naddress = \"\"\n"
+    ))
+    .unwrap();
     let server = Server::bind(config).unwrap().without_signal_handling();
     let addr = server.local_addr("c").unwrap();
     let handle = server.handle();
@@ -110,12 +185,18 @@ async fn a_panicking_handler_answers_500_and_the_connection_keeps_serving() {
         if req.uri().path() == "/panic" {
             panic!("handler bug");
         }
-        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from("fine"))))
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+            "fine",
+        ))))
     });
     let task = tokio::spawn(server.serve(svc));
 
     // HTTP/1.1: the 500 keeps the connection usable.
-    let resp = raw_exchange(addr, b"GET /panic HTTP/1.1\r\nhost: a\r\n\r\nGET /ok HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").await;
+    let resp = raw_exchange(
+        addr,
+        b"GET /panic HTTP/1.1\r\nhost: a\r\n\r\nGET /ok HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     assert!(resp.starts_with("HTTP/1.1 500"), "{resp}");
     assert!(resp.contains("HTTP/1.1 200") && resp.ends_with("fine"), "{resp}");
 
@@ -123,14 +204,27 @@ async fn a_panicking_handler_answers_500_and_the_connection_keeps_serving() {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
-    let (bad, _) = client.send_request(http::Request::get("http://a/panic").body(()).unwrap(), true).unwrap();
-    let (good, _) = client.send_request(http::Request::get("http://a/ok").body(()).unwrap(), true).unwrap();
+    let (bad, _) = client
+        .send_request(http::Request::get("http://a/panic").body(()).unwrap(), true)
+        .unwrap();
+    let (good, _) = client
+        .send_request(http::Request::get("http://a/ok").body(()).unwrap(), true)
+        .unwrap();
     assert_eq!(bad.await.unwrap().status(), 500);
     assert_eq!(good.await.unwrap().status(), 200);
     assert_eq!(
-        handle.metrics.encode().lines().find(|l| l.starts_with("gatehouse_panics_total{")).unwrap(),
+        handle
+            .metrics
+            .encode()
+            .lines()
+            .find(|l| l.starts_with("gatehouse_panics_total{"))
+            .unwrap(),
         r#"gatehouse_panics_total{listener="c"} 2"#
     );
     handle.shutdown();
-    tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }

@@ -36,10 +36,26 @@ async fn static_file_over_http1_h2_and_h2c() {
     let clear = srv.addr("clear");
 
     for (client, url, version) in [
-        (pki.reqwest(false), format!("https://localhost:{tls_port}/data.txt"), reqwest::Version::HTTP_11),
-        (pki.reqwest(true), format!("https://localhost:{tls_port}/data.txt"), reqwest::Version::HTTP_2),
-        (pki.reqwest(false), format!("http://{clear}/data.txt"), reqwest::Version::HTTP_11),
-        (pki.reqwest(true), format!("http://{clear}/data.txt"), reqwest::Version::HTTP_2),
+        (
+            pki.reqwest(false),
+            format!("https://localhost:{tls_port}/data.txt"),
+            reqwest::Version::HTTP_11,
+        ),
+        (
+            pki.reqwest(true),
+            format!("https://localhost:{tls_port}/data.txt"),
+            reqwest::Version::HTTP_2,
+        ),
+        (
+            pki.reqwest(false),
+            format!("http://{clear}/data.txt"),
+            reqwest::Version::HTTP_11,
+        ),
+        (
+            pki.reqwest(true),
+            format!("http://{clear}/data.txt"),
+            reqwest::Version::HTTP_2,
+        ),
     ] {
         let resp = client.get(&url).send().await.unwrap();
         assert_eq!(resp.version(), version, "{url}");
@@ -55,14 +71,23 @@ async fn static_file_over_http1_h2_and_h2c() {
         let cond = client.get(&url).header("if-none-match", etag).send().await.unwrap();
         assert_eq!(cond.status(), 304);
     }
-    assert_eq!(srv.metric(r#"gatehouse_requests_total{listener="tls",protocol="h2",method="GET",status="200"}"#), 1.0);
-    assert_eq!(srv.metric(r#"gatehouse_requests_total{listener="clear",protocol="h2c",method="GET",status="206"}"#), 1.0);
+    assert_eq!(
+        srv.metric(r#"gatehouse_requests_total{listener="tls",protocol="h2",method="GET",status="200"}"#),
+        1.0
+    );
+    assert_eq!(
+        srv.metric(r#"gatehouse_requests_total{listener="clear",protocol="h2c",method="GET",status="206"}"#),
+        1.0
+    );
     srv.stop().await;
 }
 
 /// Reads what the server sends back after a ClientHello it refuses: a TLS alert record.
 async fn alert_after_hello(addr: std::net::SocketAddr, pki: &Pki, alpn: &[&str]) -> (std::io::Error, Option<u8>) {
-    let err = tls_connect(addr, "localhost", pki.client_config(alpn)).await.err().expect("handshake must fail");
+    let err = match tls_connect(addr, "localhost", pki.client_config(alpn)).await {
+        Ok(_) => panic!("handshake must fail"),
+        Err(e) => e,
+    };
     // rustls surfaces the peer's alert as InvalidData carrying rustls::Error::AlertReceived.
     let desc = err
         .get_ref()
@@ -80,7 +105,8 @@ const NO_APPLICATION_PROTOCOL: u8 = 120;
 async fn alpn_mismatch_fails_with_no_application_protocol_alert() {
     let pki = Pki::new();
     let (cert, key) = pki.leaf("localhost", &["localhost"]);
-    let toml = tls_listener("h1only", "[\"http/1.1\"]", "", &cert, &key) + "[[routes]]\nrespond = { status = 200, body = \"ok\" }\n";
+    let toml = tls_listener("h1only", "[\"http/1.1\"]", "", &cert, &key)
+        + "[[routes]]\nrespond = { status = 200, body = \"ok\" }\n";
     let srv = TestServer::start(&toml).await;
     let (err, alert) = alert_after_hello(srv.addr("h1only"), &pki, &["h2"]).await;
     assert_eq!(alert, Some(NO_APPLICATION_PROTOCOL), "{err:?}");
@@ -89,7 +115,9 @@ async fn alpn_mismatch_fails_with_no_application_protocol_alert() {
             .await
     );
     // The same listener still serves a client that offers http/1.1.
-    let tls = tls_connect(srv.addr("h1only"), "localhost", pki.client_config(&["h2", "http/1.1"])).await.unwrap();
+    let tls = tls_connect(srv.addr("h1only"), "localhost", pki.client_config(&["h2", "http/1.1"]))
+        .await
+        .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     srv.stop().await;
 }
@@ -98,7 +126,8 @@ async fn alpn_mismatch_fails_with_no_application_protocol_alert() {
 async fn h2_only_listener_refuses_http1_only_clients() {
     let pki = Pki::new();
     let (cert, key) = pki.leaf("localhost", &["localhost"]);
-    let toml = tls_listener("h2only", "[\"h2\"]", "", &cert, &key) + "[[routes]]\nrespond = { status = 200, body = \"ok\" }\n";
+    let toml =
+        tls_listener("h2only", "[\"h2\"]", "", &cert, &key) + "[[routes]]\nrespond = { status = 200, body = \"ok\" }\n";
     let srv = TestServer::start(&toml).await;
     let (err, alert) = alert_after_hello(srv.addr("h2only"), &pki, &["http/1.1"]).await;
     assert_eq!(alert, Some(NO_APPLICATION_PROTOCOL), "{err:?}");
@@ -106,7 +135,10 @@ async fn h2_only_listener_refuses_http1_only_clients() {
 }
 
 async fn http1_over(stream: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin)) -> String {
-    stream.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
@@ -116,11 +148,14 @@ async fn http1_over(stream: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin)) ->
 async fn no_alpn_gets_http1_and_is_counted() {
     let pki = Pki::new();
     let (cert, key) = pki.leaf("localhost", &["localhost"]);
-    let toml = tls_listener("web", "[\"h2\", \"http/1.1\"]", "", &cert, &key) + "[[routes]]\nrespond = { status = 200, body = \"ok\" }\n";
+    let toml = tls_listener("web", "[\"h2\", \"http/1.1\"]", "", &cert, &key)
+        + "[[routes]]\nrespond = { status = 200, body = \"ok\" }\n";
     let srv = TestServer::start(&toml).await;
     let fallback = r#"gatehouse_alpn_fallback_total{listener="web",reason="client_offered_none"}"#;
     assert_eq!(srv.metric(fallback), 0.0);
-    let mut tls = tls_connect(srv.addr("web"), "localhost", pki.client_config(&[])).await.unwrap();
+    let mut tls = tls_connect(srv.addr("web"), "localhost", pki.client_config(&[]))
+        .await
+        .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), None);
     let resp = http1_over(&mut tls).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
@@ -133,8 +168,13 @@ async fn no_alpn_gets_http1_and_is_counted() {
 async fn no_alpn_is_rejected_when_configured() {
     let pki = Pki::new();
     let (cert, key) = pki.leaf("localhost", &["localhost"]);
-    let toml = tls_listener("strict", "[\"h2\", \"http/1.1\"]", "on_no_alpn = \"reject\"", &cert, &key)
-        + "[[routes]]\nrespond = { status = 200, body = \"ok\" }\n";
+    let toml = tls_listener(
+        "strict",
+        "[\"h2\", \"http/1.1\"]",
+        "on_no_alpn = \"reject\"",
+        &cert,
+        &key,
+    ) + "[[routes]]\nrespond = { status = 200, body = \"ok\" }\n";
     let srv = TestServer::start(&toml).await;
     let (err, alert) = alert_after_hello(srv.addr("strict"), &pki, &[]).await;
     assert_eq!(alert, Some(NO_APPLICATION_PROTOCOL), "{err:?}");
@@ -143,7 +183,9 @@ async fn no_alpn_is_rejected_when_configured() {
             .await
     );
     // Clients that do offer ALPN are served.
-    let tls = tls_connect(srv.addr("strict"), "localhost", pki.client_config(&["h2"])).await.unwrap();
+    let tls = tls_connect(srv.addr("strict"), "localhost", pki.client_config(&["h2"]))
+        .await
+        .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     srv.stop().await;
 }
@@ -176,14 +218,23 @@ async fn h2c_upgrade_is_http1_when_disabled_and_switches_when_enabled() {
     let base = "[[routes]]\nrespond = { status = 200, body = \"upgraded?\" }\n";
     let request = b"GET /u HTTP/1.1\r\nhost: example\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n";
 
-    let off = TestServer::start(&format!("[[listeners]]\nname = \"c\"\naddress = \"127.0.0.1:0\"\nprotocols = [\"http/1.1\", \"h2c\"]\n{base}")).await;
+    let off = TestServer::start(&format!(
+        "[[listeners]]\nname = \"c\"\naddress = \"127.0.0.1:0\"\nprotocols = [\"http/1.1\", \"h2c\"]\n{base}"
+    ))
+    .await;
     let mut s = tokio::net::TcpStream::connect(off.addr("c")).await.unwrap();
     s.write_all(request).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let n = s.read(&mut buf).await.unwrap();
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(off.wait_metric(r#"gatehouse_alpn_fallback_total{listener="c",reason="h2c_upgrade_disabled"}"#, 1.0).await);
+    assert!(
+        off.wait_metric(
+            r#"gatehouse_alpn_fallback_total{listener="c",reason="h2c_upgrade_disabled"}"#,
+            1.0
+        )
+        .await
+    );
     off.stop().await;
 
     let on = TestServer::start(&format!(
@@ -203,13 +254,18 @@ async fn h2c_upgrade_is_http1_when_disabled_and_switches_when_enabled() {
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: h2c"), "{head}");
     // The h2 client library cannot adopt stream 1, so read its response from raw frames.
-    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
     let mut got_headers_on_1 = false;
     let mut body = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while tokio::time::Instant::now() < deadline {
         let mut fh = [0u8; 9];
-        if tokio::time::timeout_at(deadline, tcp.read_exact(&mut fh)).await.is_err() {
+        if tokio::time::timeout_at(deadline, tcp.read_exact(&mut fh))
+            .await
+            .is_err()
+        {
             break;
         }
         let len = ((fh[0] as usize) << 16) | ((fh[1] as usize) << 8) | fh[2] as usize;
@@ -218,7 +274,8 @@ async fn h2c_upgrade_is_http1_when_disabled_and_switches_when_enabled() {
         let mut payload = vec![0u8; len];
         tcp.read_exact(&mut payload).await.unwrap();
         if ty == 0x4 && flags & 0x1 == 0 {
-            tcp.write_all(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00").await.unwrap(); // SETTINGS ACK
+            tcp.write_all(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00").await.unwrap();
+            // SETTINGS ACK
         }
         if ty == 0x1 && stream == 1 {
             got_headers_on_1 = true;
@@ -232,6 +289,12 @@ async fn h2c_upgrade_is_http1_when_disabled_and_switches_when_enabled() {
     }
     assert!(got_headers_on_1, "no HEADERS on stream 1");
     assert_eq!(body, b"upgraded?");
-    assert!(on.wait_metric(r#"gatehouse_requests_total{listener="c",protocol="h2c",method="GET",status="200"}"#, 1.0).await);
+    assert!(
+        on.wait_metric(
+            r#"gatehouse_requests_total{listener="c",protocol="h2c",method="GET",status="200"}"#,
+            1.0
+        )
+        .await
+    );
     on.stop().await;
 }

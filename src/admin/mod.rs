@@ -57,8 +57,10 @@ pub async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>) {
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 
@@ -75,8 +77,13 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), token.as_bytes()));
         if !ok {
-            let mut r = respond(StatusCode::UNAUTHORIZED, "text/plain; charset=utf-8", "a bearer token is required\n");
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            let mut r = respond(
+                StatusCode::UNAUTHORIZED,
+                "text/plain; charset=utf-8",
+                "a bearer token is required\n",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return r;
         }
     }
@@ -87,7 +94,11 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
             if h.is_ready() {
                 respond(StatusCode::OK, "text/plain; charset=utf-8", "ready\n")
             } else {
-                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "not ready\n")
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    "not ready\n",
+                )
             }
         }
         (Method::GET, "/metrics") => respond(
@@ -100,10 +111,18 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
         (Method::PUT, "/debug/switches") => put_switches(admin, req).await,
         (Method::GET, "/config") => match serde_json::to_value(&*admin.config) {
             Ok(v) => json(StatusCode::OK, v),
-            Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", format!("{e}\n")),
+            Err(e) => respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain; charset=utf-8",
+                format!("{e}\n"),
+            ),
         },
         (_, "/healthz" | "/readyz" | "/metrics" | "/debug/connections" | "/config") => {
-            let mut r = respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "method not allowed\n");
+            let mut r = respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain; charset=utf-8",
+                "method not allowed\n",
+            );
             r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
             r
         }
@@ -177,7 +196,11 @@ async fn put_switches(admin: &Admin, req: Request<Incoming>) -> Response<Full<By
     };
     let update: SwitchUpdate = match serde_json::from_slice(&body) {
         Ok(u) => u,
-        Err(e) => return bad(format!("body must be {{\"switches\": [...], \"listener\": ..., \"peer\": ...}}: {e}")),
+        Err(e) => {
+            return bad(format!(
+                "body must be {{\"switches\": [...], \"listener\": ..., \"peer\": ...}}: {e}"
+            ))
+        }
     };
     let mut switches = Vec::new();
     for s in &update.switches {
@@ -185,7 +208,10 @@ async fn put_switches(admin: &Admin, req: Request<Incoming>) -> Response<Full<By
             Some(sw) => switches.push(sw),
             None => {
                 let known: Vec<_> = Switch::ALL.iter().map(|s| s.as_str()).collect();
-                return bad(format!("`{s}` is not an available switch; use one of {}", known.join(", ")));
+                return bad(format!(
+                    "`{s}` is not an available switch; use one of {}",
+                    known.join(", ")
+                ));
             }
         }
     }

@@ -111,7 +111,9 @@ impl FromStr for Size {
             "GiB" | "G" | "GB" => 1024 * 1024 * 1024,
             _ => return Err(bad()),
         };
-        n.checked_mul(mult).map(Size).ok_or_else(|| format!("`{s}` is too large"))
+        n.checked_mul(mult)
+            .map(Size)
+            .ok_or_else(|| format!("`{s}` is too large"))
     }
 }
 

@@ -250,7 +250,11 @@ impl Config {
             ("max_header_bytes", l.max_header_bytes.get()),
         ] {
             if v == 0 {
-                f.error(format!("limits.{name}"), "is 0, which would refuse all traffic", "set a positive value");
+                f.error(
+                    format!("limits.{name}"),
+                    "is 0, which would refuse all traffic",
+                    "set a positive value",
+                );
             }
         }
         if l.max_header_bytes.get() < 1024 {
@@ -347,7 +351,9 @@ impl Config {
             let host = r.host.as_str();
             let host_ok = host == "*"
                 || (!host.is_empty()
-                    && host.trim_start_matches("*.").chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == ':' || c == '[' || c == ']')
+                    && host.trim_start_matches("*.").chars().all(|c| {
+                        c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == ':' || c == '[' || c == ']'
+                    })
                     && !host.trim_start_matches("*.").contains('*'));
             if !host_ok {
                 f.error(
@@ -390,7 +396,11 @@ impl Config {
                     );
                 }
                 if r.redirect.is_none() {
-                    f.warning(format!("{key}.redirect_status"), "is set on a route that does not redirect", "remove it");
+                    f.warning(
+                        format!("{key}.redirect_status"),
+                        "is set on a route that does not redirect",
+                        "remove it",
+                    );
                 }
             }
             if let Some(resp) = &r.respond {
@@ -403,7 +413,11 @@ impl Config {
                 }
                 if let Some(ct) = &resp.content_type {
                     if http::HeaderValue::from_str(ct).is_err() {
-                        f.error(format!("{key}.respond.content_type"), "is not a valid header value", "use a media type such as \"text/plain\"");
+                        f.error(
+                            format!("{key}.respond.content_type"),
+                            "is not a valid header value",
+                            "use a media type such as \"text/plain\"",
+                        );
                     }
                 }
             }
@@ -428,16 +442,22 @@ impl Config {
                         );
                     }
                     if self.listeners.iter().any(|l| l.address == addr) {
-                        f.error("admin.address", format!("{addr} is also a listener's address"), "give the admin API its own port");
+                        f.error(
+                            "admin.address",
+                            format!("{addr} is also a listener's address"),
+                            "give the admin API its own port",
+                        );
                     }
                 }
             }
         }
         if let Some(tf) = &a.token_file {
             match std::fs::read_to_string(tf) {
-                Ok(t) if t.trim().is_empty() => {
-                    f.error("admin.token_file", format!("{} is empty", tf.display()), "write a long random token into it")
-                }
+                Ok(t) if t.trim().is_empty() => f.error(
+                    "admin.token_file",
+                    format!("{} is empty", tf.display()),
+                    "write a long random token into it",
+                ),
                 Ok(_) => {}
                 Err(e) => f.error(
                     "admin.token_file",
@@ -449,7 +469,10 @@ impl Config {
         let log = &self.log;
         if !matches!(log.access_log.as_str(), "stdout" | "off" | "stderr") {
             let p = std::path::Path::new(&log.access_log);
-            let parent = p.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            let parent = p
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
             if !parent.is_dir() {
                 f.error(
                     "log.access_log",
@@ -476,12 +499,20 @@ impl Config {
         }
         if let Some(l) = &self.debug.listener {
             if !self.listeners.iter().any(|x| &x.name == l) {
-                f.error("debug.listener", format!("no listener is named `{l}`"), "use the name of a [[listeners]] entry");
+                f.error(
+                    "debug.listener",
+                    format!("no listener is named `{l}`"),
+                    "use the name of a [[listeners]] entry",
+                );
             }
         }
         if let Some(p) = &self.debug.peer {
             if crate::observe::PeerFilter::parse(p).is_err() {
-                f.error("debug.peer", format!("`{p}` is not an address or CIDR block"), "write it like \"203.0.113.7/32\"");
+                f.error(
+                    "debug.peer",
+                    format!("`{p}` is not an address or CIDR block"),
+                    "write it like \"203.0.113.7/32\"",
+                );
             }
         }
         if self.tracing.otlp_endpoint.is_some() {

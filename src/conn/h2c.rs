@@ -70,8 +70,7 @@ pub fn check(h: &HeaderMap) -> Result<(), NotUpgraded> {
         return Err(NotUpgraded::MalformedSettings);
     }
     let has_body = h.contains_key(header::TRANSFER_ENCODING)
-        || h
-            .get(header::CONTENT_LENGTH)
+        || h.get(header::CONTENT_LENGTH)
             .map(|v| v.as_bytes() != b"0")
             .unwrap_or(false);
     if has_body {
@@ -134,10 +133,18 @@ pub fn stream_one_frames(method: &http::Method, uri: &http::Uri, headers: &Heade
         }
     }
     let mut out = BytesMut::with_capacity(block.len() + 9 * (1 + block.len() / MAX_FRAME));
-    let chunks: Vec<&[u8]> = if block.is_empty() { vec![&[][..]] } else { block.chunks(MAX_FRAME).collect() };
+    let chunks: Vec<&[u8]> = if block.is_empty() {
+        vec![&[][..]]
+    } else {
+        block.chunks(MAX_FRAME).collect()
+    };
     let last = chunks.len() - 1;
     for (i, chunk) in chunks.iter().enumerate() {
-        let (ty, mut flags) = if i == 0 { (FRAME_HEADERS, FLAG_END_STREAM) } else { (FRAME_CONTINUATION, 0) };
+        let (ty, mut flags) = if i == 0 {
+            (FRAME_HEADERS, FLAG_END_STREAM)
+        } else {
+            (FRAME_CONTINUATION, 0)
+        };
         if i == last {
             flags |= FLAG_END_HEADERS;
         }
@@ -236,7 +243,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Spliced<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

@@ -127,12 +127,12 @@ impl ConnInfo {
         }
     }
     fn set_state_unless_closing(&self, next: ConnState) {
-        let _ = self.state.fetch_update(Relaxed, Relaxed, |cur| {
-            match ConnState::from_u8(cur) {
+        let _ = self
+            .state
+            .fetch_update(Relaxed, Relaxed, |cur| match ConnState::from_u8(cur) {
                 ConnState::Closing | ConnState::Closed => None,
                 _ => Some(next as u8),
-            }
-        });
+            });
     }
     pub fn add_bytes_in(&self, n: usize) {
         self.bytes_in.fetch_add(n as u64, Relaxed);
@@ -177,7 +177,9 @@ impl Registry {
 
     fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnInfo>>> {
         // A poisoned shard only means a panic happened while a map insert ran; the map is intact.
-        self.shards[(id as usize) % SHARDS].lock().unwrap_or_else(|p| p.into_inner())
+        self.shards[(id as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn insert(&self, info: Arc<ConnInfo>) {

@@ -34,12 +34,18 @@ where
     let local = tcp.local_addr().unwrap_or(peer);
     let _ = tcp.set_nodelay(true);
     let id = listener.registry.next_id();
-    let initial = if listener.tls.is_some() { ConnState::Handshaking } else { ConnState::Idle };
+    let initial = if listener.tls.is_some() {
+        ConnState::Handshaking
+    } else {
+        ConnState::Idle
+    };
     let info = Arc::new(ConnInfo::new(id, listener.name.0.clone(), peer, local, initial));
     listener.registry.insert(info.clone());
-    listener.debug.event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
-        format!("conn {id} opened from {peer} on {local}, state {}", initial.as_str())
-    });
+    listener
+        .debug
+        .event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
+            format!("conn {id} opened from {peer} on {local}, state {}", initial.as_str())
+        });
     let conn = Arc::new(ConnShared {
         info: info.clone(),
         listener: listener.clone(),
@@ -62,9 +68,11 @@ where
         age_ms = info.opened.elapsed().as_millis() as u64,
         "connection closed"
     );
-    listener.debug.event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
-        format!("conn {id} closed: {reason} after {} requests", info.requests())
-    });
+    listener
+        .debug
+        .event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
+            format!("conn {id} closed: {reason} after {} requests", info.requests())
+        });
 }
 
 async fn run<S, B>(tcp: TcpStream, conn: &Arc<ConnShared>, svc: S) -> CloseReason
@@ -87,11 +95,20 @@ where
         match hs {
             Err(e) => {
                 count_handshake(listener, e.result, "none", "none");
-                listener.debug.event(crate::observe::Switch::Tls, &listener.name.0, info.peer, || {
-                    format!("conn {} handshake {}: {} (offered ALPN {:?}, SNI {:?})", info.id, e.result, e.detail, e.offered_alpn, e.sni)
-                });
+                listener
+                    .debug
+                    .event(crate::observe::Switch::Tls, &listener.name.0, info.peer, || {
+                        format!(
+                            "conn {} handshake {}: {} (offered ALPN {:?}, SNI {:?})",
+                            info.id, e.result, e.detail, e.offered_alpn, e.sni
+                        )
+                    });
                 tracing::debug!(conn_id = info.id, result = e.result, detail = %e.detail, "TLS handshake failed");
-                return if e.result == "timeout" { CloseReason::HandshakeTimeout } else { CloseReason::HandshakeFailed };
+                return if e.result == "timeout" {
+                    CloseReason::HandshakeTimeout
+                } else {
+                    CloseReason::HandshakeFailed
+                };
             }
             Ok((stream, negotiated)) => {
                 let s = &negotiated.summary;
@@ -101,16 +118,22 @@ where
                     _ => "none",
                 };
                 count_handshake(listener, "ok", s.version, alpn_label);
-                listener.debug.event(crate::observe::Switch::Tls, &listener.name.0, info.peer, || {
-                    format!(
-                        "conn {} handshake ok: TLS {} {} ALPN offered {:?} chosen {:?} SNI {:?} resumed {}",
-                        info.id, s.version, s.cipher, negotiated.offered_alpn, s.alpn, s.sni, negotiated.resumed
-                    )
-                });
+                listener
+                    .debug
+                    .event(crate::observe::Switch::Tls, &listener.name.0, info.peer, || {
+                        format!(
+                            "conn {} handshake ok: TLS {} {} ALPN offered {:?} chosen {:?} SNI {:?} resumed {}",
+                            info.id, s.version, s.cipher, negotiated.offered_alpn, s.alpn, s.sni, negotiated.resumed
+                        )
+                    });
                 let h2 = alpn_label == "h2";
                 let offers_h2 = tls.alpn.iter().any(|p| p == b"h2");
                 if !h2 && offers_h2 {
-                    let reason = if negotiated.client_offered_no_alpn { "client_offered_none" } else { "client_offered_http1_only" };
+                    let reason = if negotiated.client_offered_no_alpn {
+                        "client_offered_none"
+                    } else {
+                        "client_offered_http1_only"
+                    };
                     listener.metrics.alpn_fallback(&listener.name, reason);
                     tracing::info!(
                         conn_id = info.id,
@@ -143,11 +166,21 @@ where
                 Sniffed::Timeout => CloseReason::FirstRequestTimeout,
                 Sniffed::Closed => CloseReason::ClientClosed,
                 Sniffed::Error => CloseReason::IoError,
-                Sniffed::Preface(tcp, prefix) => serve_h2(MeteredIo::new(tcp, prefix, info.clone()), conn, svc, Protocol::H2c).await,
+                Sniffed::Preface(tcp, prefix) => {
+                    serve_h2(MeteredIo::new(tcp, prefix, info.clone()), conn, svc, Protocol::H2c).await
+                }
                 Sniffed::Other(tcp, prefix) => serve_h1(MeteredIo::new(tcp, prefix, info.clone()), conn, svc).await,
             }
         }
-        (false, true) => serve_h2(MeteredIo::new(tcp, Bytes::new(), info.clone()), conn, svc, Protocol::H2c).await,
+        (false, true) => {
+            serve_h2(
+                MeteredIo::new(tcp, Bytes::new(), info.clone()),
+                conn,
+                svc,
+                Protocol::H2c,
+            )
+            .await
+        }
         _ => serve_h1(MeteredIo::new(tcp, Bytes::new(), info.clone()), conn, svc).await,
     }
 }
@@ -228,7 +261,9 @@ where
 {
     conn.info.set_protocol(Protocol::Http11);
     let pipeline = Pipeline::new(svc.clone(), conn.clone());
-    let hconn = h1_builder(conn).serve_connection(TokioIo::new(io), pipeline).with_upgrades();
+    let hconn = h1_builder(conn)
+        .serve_connection(TokioIo::new(io), pipeline)
+        .with_upgrades();
     let reason = drive(hconn, conn, Protocol::Http11).await;
     let pending = conn.pending_h2c.lock().unwrap_or_else(|p| p.into_inner()).take();
     let Some(pending) = pending else { return reason };
@@ -305,7 +340,12 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
     let http1 = protocol == Protocol::Http11;
     tokio::pin!(hconn);
     let mut initiated: Option<CloseReason> = None;
-    let first = watchdog::check(info, http1, &listener.settings.load().timeouts, std::time::Instant::now());
+    let first = watchdog::check(
+        info,
+        http1,
+        &listener.settings.load().timeouts,
+        std::time::Instant::now(),
+    );
     let sleep = tokio::time::sleep_until(match first {
         Verdict::Recheck(at) => at.into(),
         Verdict::Expired(_) => tokio::time::Instant::now(),
@@ -361,7 +401,12 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
 }
 
 /// Names the reason a hyper connection ended.
-fn classify(res: hyper::Result<()>, initiated: Option<CloseReason>, info: &ConnInfo, listener: &ListenerShared) -> CloseReason {
+fn classify(
+    res: hyper::Result<()>,
+    initiated: Option<CloseReason>,
+    info: &ConnInfo,
+    listener: &ListenerShared,
+) -> CloseReason {
     match res {
         Ok(()) => {
             if let Some(r) = initiated {

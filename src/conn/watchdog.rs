@@ -20,7 +20,12 @@ pub enum Verdict {
 /// Evaluates `info` at `now`.
 pub fn check(info: &ConnInfo, http1: bool, t: &Timeouts, now: Instant) -> Verdict {
     // Any phase can begin between two wakeups; none is shorter than this.
-    let poll = t.header_read.get().min(t.first_request.get()).min(t.idle.get()).max(Duration::from_millis(50));
+    let poll = t
+        .header_read
+        .get()
+        .min(t.first_request.get())
+        .min(t.idle.get())
+        .max(Duration::from_millis(50));
     let deadline = match info.state() {
         ConnState::Idle => {
             if let (true, Some(started)) = (http1, info.head_started()) {

@@ -22,7 +22,16 @@ pub fn connection_info(ctx: Option<&RequestContext>, headers: &HeaderMap) -> Res
                 c.conn.peer.to_string(),
             )
         }
-        None => (0, Protocol::Unknown, "none", "none".into(), "none".into(), "none".into(), 0, String::new()),
+        None => (
+            0,
+            Protocol::Unknown,
+            "none",
+            "none".into(),
+            "none".into(),
+            "none".into(),
+            0,
+            String::new(),
+        ),
     };
     let wants_json = headers
         .get(header::ACCEPT)
@@ -72,11 +81,16 @@ pub fn connection_info(ctx: Option<&RequestContext>, headers: &HeaderMap) -> Res
         (html, "text/html; charset=utf-8")
     };
     let mut r = Response::new(ResponseBody::from(body));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 
 fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }

@@ -13,7 +13,9 @@ use http::{header, HeaderValue, Response, StatusCode};
 pub fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
     let mut r = Response::new(ResponseBody::from(body));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }

@@ -75,11 +75,7 @@ impl StaticFiles {
         } else if *method == Method::HEAD {
             true
         } else {
-            let mut resp = text_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed\n",
-                false,
-            );
+            let mut resp = text_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n", false);
             resp.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             return resp;
@@ -205,10 +201,7 @@ fn redirect_to_dir(rel_path: &str) -> Target {
 }
 
 fn is_not_found(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-    )
+    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
 }
 
 fn io_error_response(e: &io::Error, rel_path: &str, head: bool) -> Response<ResponseBody> {
@@ -216,9 +209,7 @@ fn io_error_response(e: &io::Error, rel_path: &str, head: bool) -> Response<Resp
         io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => {
             text_response(StatusCode::NOT_FOUND, "not found\n", head)
         }
-        io::ErrorKind::PermissionDenied => {
-            text_response(StatusCode::FORBIDDEN, "forbidden\n", head)
-        }
+        io::ErrorKind::PermissionDenied => text_response(StatusCode::FORBIDDEN, "forbidden\n", head),
         _ => {
             tracing::error!(path = rel_path, error = %e, "static file could not be served");
             text_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n", head)
@@ -241,10 +232,7 @@ fn text_response(status: StatusCode, text: &'static str, head: bool) -> Response
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     resp
 }
 
@@ -299,10 +287,7 @@ fn respond_file(
 
     let h = resp.headers_mut();
     insert_string(h, header::CONTENT_TYPE, content_type(name));
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if !head && len > 0 {
         *resp.body_mut() = ResponseBody::File(FileBody::new(file, start, len));
@@ -323,10 +308,7 @@ fn evaluate_preconditions(headers: &HeaderMap, v: &Validators) -> Option<StatusC
         if !matched {
             return Some(StatusCode::PRECONDITION_FAILED);
         }
-    } else if let (Some(date), Some(lm)) = (
-        header_date(headers, header::IF_UNMODIFIED_SINCE),
-        v.last_modified,
-    ) {
+    } else if let (Some(date), Some(lm)) = (header_date(headers, header::IF_UNMODIFIED_SINCE), v.last_modified) {
         if lm > date {
             return Some(StatusCode::PRECONDITION_FAILED);
         }
@@ -343,10 +325,7 @@ fn evaluate_preconditions(headers: &HeaderMap, v: &Validators) -> Option<StatusC
         if matched {
             return Some(StatusCode::NOT_MODIFIED);
         }
-    } else if let (Some(date), Some(lm)) = (
-        header_date(headers, header::IF_MODIFIED_SINCE),
-        v.last_modified,
-    ) {
+    } else if let (Some(date), Some(lm)) = (header_date(headers, header::IF_MODIFIED_SINCE), v.last_modified) {
         if lm <= date {
             return Some(StatusCode::NOT_MODIFIED);
         }
@@ -408,10 +387,7 @@ fn parse_range(value: &str, size: u64) -> RangeOutcome {
             return RangeOutcome::Unsatisfiable;
         }
         let len = suffix.min(size);
-        return RangeOutcome::Partial {
-            start: size - len,
-            len,
-        };
+        return RangeOutcome::Partial { start: size - len, len };
     }
 
     let Some(start) = parse_pos(first) else {
@@ -505,10 +481,7 @@ fn header_date(headers: &HeaderMap, name: HeaderName) -> Option<SystemTime> {
 
 impl Validators {
     fn of(meta: &std::fs::Metadata, now: SystemTime) -> Validators {
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
         let mtime_nanos = mtime.map_or(0, |d| d.as_nanos());
         #[cfg(unix)]
         let inode = std::os::unix::fs::MetadataExt::ino(meta);
@@ -588,12 +561,7 @@ mod tests {
         Fixture { dir, files }
     }
 
-    async fn req(
-        f: &Fixture,
-        method: Method,
-        path: &str,
-        hdrs: &[(&str, &str)],
-    ) -> (StatusCode, HeaderMap, Vec<u8>) {
+    async fn req(f: &Fixture, method: Method, path: &str, hdrs: &[(&str, &str)]) -> (StatusCode, HeaderMap, Vec<u8>) {
         let mut headers = HeaderMap::new();
         for (k, v) in hdrs {
             headers.append(
@@ -607,11 +575,7 @@ mod tests {
         (parts.status, parts.headers, bytes.to_vec())
     }
 
-    async fn get(
-        f: &Fixture,
-        path: &str,
-        hdrs: &[(&str, &str)],
-    ) -> (StatusCode, HeaderMap, Vec<u8>) {
+    async fn get(f: &Fixture, path: &str, hdrs: &[(&str, &str)]) -> (StatusCode, HeaderMap, Vec<u8>) {
         req(f, Method::GET, path, hdrs).await
     }
 
@@ -749,8 +713,7 @@ mod tests {
         // If-Match uses strong comparison.
         let (status, _, _) = get(&f, "/hello.txt", &[("if-match", &format!("W/{etag}"))]).await;
         assert_eq!(status, StatusCode::PRECONDITION_FAILED);
-        let (status, _, _) =
-            get(&f, "/hello.txt", &[("if-match", &format!("\"a\", {etag}"))]).await;
+        let (status, _, _) = get(&f, "/hello.txt", &[("if-match", &format!("\"a\", {etag}"))]).await;
         assert_eq!(status, StatusCode::OK);
         let (status, _, _) = get(&f, "/hello.txt", &[("if-match", "*")]).await;
         assert_eq!(status, StatusCode::OK);
@@ -759,20 +722,10 @@ mod tests {
         let (status, _, _) = get(&f, "/hello.txt", &[("if-unmodified-since", earlier)]).await;
         assert_eq!(status, StatusCode::PRECONDITION_FAILED);
         // If-Unmodified-Since is ignored when If-Match is present.
-        let (status, _, _) = get(
-            &f,
-            "/hello.txt",
-            &[("if-match", "*"), ("if-unmodified-since", earlier)],
-        )
-        .await;
+        let (status, _, _) = get(&f, "/hello.txt", &[("if-match", "*"), ("if-unmodified-since", earlier)]).await;
         assert_eq!(status, StatusCode::OK);
         // If-Match is evaluated before If-None-Match.
-        let (status, _, _) = get(
-            &f,
-            "/hello.txt",
-            &[("if-match", "\"x\""), ("if-none-match", &etag)],
-        )
-        .await;
+        let (status, _, _) = get(&f, "/hello.txt", &[("if-match", "\"x\""), ("if-none-match", &etag)]).await;
         assert_eq!(status, StatusCode::PRECONDITION_FAILED);
     }
 
@@ -786,20 +739,13 @@ mod tests {
             ("bytes=-30", "bytes 0-9/10", b"0123456789"),
             ("bytes=8-100", "bytes 8-9/10", b"89"),
             ("bytes=9-9", "bytes 9-9/10", b"9"),
-            (
-                "bytes=0-99999999999999999999999",
-                "bytes 0-9/10",
-                b"0123456789",
-            ),
+            ("bytes=0-99999999999999999999999", "bytes 0-9/10", b"0123456789"),
         ];
         for (range, content_range, expected) in cases {
             let (status, h, body) = get(&f, "/hello.txt", &[("range", range)]).await;
             assert_eq!(status, StatusCode::PARTIAL_CONTENT, "{range}");
             assert_eq!(hv(&h, "content-range"), Some(content_range), "{range}");
-            assert_eq!(
-                hv(&h, "content-length"),
-                Some(expected.len().to_string().as_str())
-            );
+            assert_eq!(hv(&h, "content-length"), Some(expected.len().to_string().as_str()));
             assert_eq!(hv(&h, "accept-ranges"), Some("bytes"));
             assert_eq!(body, expected, "{range}");
         }
@@ -808,12 +754,7 @@ mod tests {
     #[tokio::test]
     async fn unsatisfiable_ranges() {
         let f = fixture();
-        for range in [
-            "bytes=10-",
-            "bytes=10-20",
-            "bytes=-0",
-            "bytes=99999999999999999999999-",
-        ] {
+        for range in ["bytes=10-", "bytes=10-20", "bytes=-0", "bytes=99999999999999999999999-"] {
             let (status, h, body) = get(&f, "/hello.txt", &[("range", range)]).await;
             assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
             assert_eq!(hv(&h, "content-range"), Some("bytes */10"));
@@ -852,12 +793,7 @@ mod tests {
         let (status, _, body) = get(&f, "/hello.txt", &[range, ("if-range", "\"stale\"")]).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body, b"0123456789");
-        let (status, _, _) = get(
-            &f,
-            "/hello.txt",
-            &[range, ("if-range", &format!("W/{etag}"))],
-        )
-        .await;
+        let (status, _, _) = get(&f, "/hello.txt", &[range, ("if-range", &format!("W/{etag}"))]).await;
         assert_eq!(status, StatusCode::OK);
         let old = "Sun, 06 Nov 1994 08:49:37 GMT";
         let (status, _, _) = get(&f, "/hello.txt", &[range, ("if-range", old)]).await;
@@ -875,12 +811,7 @@ mod tests {
             .and_then(|file| file.set_modified(old))
             .expect("set mtime");
         let date = httpdate::fmt_http_date(old);
-        let (status, h, body) = get(
-            &f,
-            "/hello.txt",
-            &[("range", "bytes=0-1"), ("if-range", &date)],
-        )
-        .await;
+        let (status, h, body) = get(&f, "/hello.txt", &[("range", "bytes=0-1"), ("if-range", &date)]).await;
         assert_eq!(status, StatusCode::PARTIAL_CONTENT);
         assert_eq!(hv(&h, "last-modified"), Some(date.as_str()));
         assert_eq!(body, b"01");
@@ -933,11 +864,9 @@ mod tests {
     async fn symlinks() {
         let f = fixture();
         let root = f.dir.path().join("root");
-        std::os::unix::fs::symlink(f.dir.path().join("outside.txt"), root.join("escape.txt"))
-            .expect("symlink");
+        std::os::unix::fs::symlink(f.dir.path().join("outside.txt"), root.join("escape.txt")).expect("symlink");
         std::os::unix::fs::symlink(f.dir.path(), root.join("escape_dir")).expect("symlink");
-        std::os::unix::fs::symlink(root.join("hello.txt"), root.join("alias.txt"))
-            .expect("symlink");
+        std::os::unix::fs::symlink(root.join("hello.txt"), root.join("alias.txt")).expect("symlink");
         std::os::unix::fs::symlink("sub", root.join("subalias")).expect("symlink");
         for path in ["/escape.txt", "/escape_dir/outside.txt", "/escape_dir/"] {
             let (status, _, _) = get(&f, path, &[]).await;
@@ -951,11 +880,7 @@ mod tests {
         assert_eq!(body, b"<p>sub</p>");
         // An index.html that escapes the root is refused too.
         std::fs::create_dir(root.join("trap")).expect("mkdir");
-        std::os::unix::fs::symlink(
-            f.dir.path().join("outside.txt"),
-            root.join("trap/index.html"),
-        )
-        .expect("symlink");
+        std::os::unix::fs::symlink(f.dir.path().join("outside.txt"), root.join("trap/index.html")).expect("symlink");
         let (status, _, _) = get(&f, "/trap/", &[]).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
     }

@@ -107,7 +107,11 @@ where
         if declared_too_large {
             // Refused before the handler runs; the unread body makes HTTP/1.1 framing unusable.
             let resp = gatehouse_response(StatusCode::PAYLOAD_TOO_LARGE, BODY_TOO_LARGE);
-            return Box::pin(std::future::ready(Ok(record.attach(resp, true, Some("limit:max_body_bytes")))));
+            return Box::pin(std::future::ready(Ok(record.attach(
+                resp,
+                true,
+                Some("limit:max_body_bytes"),
+            ))));
         }
         let body = RequestBody::new(incoming, max_body, body_state.clone());
         parts.extensions.insert(RequestContext {
@@ -130,7 +134,11 @@ where
                 }
                 Ok(Ok(Ok(resp))) => {
                     let (parts, body) = resp.into_parts();
-                    record.attach(Response::from_parts(parts, Instrumented::inner(body)), close_after, None)
+                    record.attach(
+                        Response::from_parts(parts, Instrumented::inner(body)),
+                        close_after,
+                        None,
+                    )
                 }
                 Ok(Ok(Err(e))) => {
                     let e: BoxError = e.into();
@@ -160,7 +168,10 @@ where
                 Err(_) => {
                     let listener = &record.conn.listener;
                     listener.metrics.timeout(&listener.name, "request");
-                    let resp = gatehouse_response(StatusCode::GATEWAY_TIMEOUT, "request took longer than timeouts.request\n");
+                    let resp = gatehouse_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "request took longer than timeouts.request\n",
+                    );
                     record.attach(resp, close_after, Some("timeout:request"))
                 }
             };
@@ -185,8 +196,10 @@ impl<S> Pipeline<S> {
                     *pending = Some(PendingH2c { on_upgrade, stream_one });
                     let mut resp = Response::new(Instrumented::fixed(Bytes::new()));
                     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-                    resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+                    resp.headers_mut()
+                        .insert(header::UPGRADE, HeaderValue::from_static("h2c"));
                     return Some(resp);
                 }
                 Err(h2c::NotUpgraded::HasBody) => "h2c_upgrade_with_body",
@@ -227,8 +240,10 @@ pub fn strip_port(raw: &str) -> &str {
 fn gatehouse_response<B>(status: StatusCode, body: &'static str) -> Response<Instrumented<B>> {
     let mut r = Response::new(Instrumented::fixed(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -250,7 +265,13 @@ struct Record {
 }
 
 impl Record {
-    fn new(conn: Arc<ConnShared>, parts: &http::request::Parts, seq: u64, started: Instant, body: Arc<BodyState>) -> Self {
+    fn new(
+        conn: Arc<ConnShared>,
+        parts: &http::request::Parts,
+        seq: u64,
+        started: Instant,
+        body: Arc<BodyState>,
+    ) -> Self {
         let logging = conn.listener.access_log.load().enabled();
         let (host, path) = if logging {
             let host = parts
@@ -287,14 +308,20 @@ impl Record {
     }
 
     /// Attaches the record to the response, which reports it when its body ends.
-    fn attach<B>(mut self, mut resp: Response<Instrumented<B>>, close: bool, error: Option<&'static str>) -> Response<Instrumented<B>>
+    fn attach<B>(
+        mut self,
+        mut resp: Response<Instrumented<B>>,
+        close: bool,
+        error: Option<&'static str>,
+    ) -> Response<Instrumented<B>>
     where
         Instrumented<B>: Body,
     {
         // A body that is empty from the start may never be polled (HEAD, 304, 204): it is complete.
         self.complete_if_dropped = resp.body().is_end_stream();
         if close && self.protocol == Protocol::Http11 {
-            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         self.status = resp.status().as_u16();
         self.error = error;
@@ -344,7 +371,11 @@ impl Record {
             json_num(&mut line, "status", self.status);
             json_num(&mut line, "bytes_in", self.body.bytes());
             json_num(&mut line, "bytes_out", self.bytes_out);
-            json_num(&mut line, "duration_ms", format_args!("{:.3}", elapsed.as_secs_f64() * 1000.0));
+            json_num(
+                &mut line,
+                "duration_ms",
+                format_args!("{:.3}", elapsed.as_secs_f64() * 1000.0),
+            );
             match (self.error, aborted) {
                 (Some(e), _) => json_str(&mut line, "error", e),
                 (None, true) => json_str(&mut line, "error", "response_aborted"),

@@ -54,7 +54,10 @@ impl RequestBody {
 
 impl std::fmt::Debug for RequestBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestBody").field("seen", &self.seen).field("limit", &self.limit).finish()
+        f.debug_struct("RequestBody")
+            .field("seen", &self.seen)
+            .field("limit", &self.limit)
+            .finish()
     }
 }
 

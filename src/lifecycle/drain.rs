@@ -28,7 +28,12 @@ pub async fn drain(
         forced: 0,
     };
     drop(snapshot);
-    tracing::info!(open = report.open_at_start, busy = report.busy_at_start, timeout_ms = timeout.as_millis() as u64, "draining");
+    tracing::info!(
+        open = report.open_at_start,
+        busy = report.busy_at_start,
+        timeout_ms = timeout.as_millis() as u64,
+        "draining"
+    );
     trigger.advance(Phase::Draining);
     let finished = tokio::select! {
         _ = tokio::time::timeout(timeout, registry.wait_empty()) => !registry.is_empty(),
@@ -36,7 +41,10 @@ pub async fn drain(
     };
     let forced = if finished { registry.len() } else { 0 };
     if forced > 0 {
-        tracing::warn!(connections = forced, "drain deadline reached; closing the remaining connections");
+        tracing::warn!(
+            connections = forced,
+            "drain deadline reached; closing the remaining connections"
+        );
     }
     trigger.advance(Phase::Forced);
     // Forced closes are immediate drops; give the tasks a moment to record their close reason.

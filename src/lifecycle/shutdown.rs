@@ -27,7 +27,12 @@ pub struct ShutdownTrigger {
 impl ShutdownTrigger {
     pub fn new() -> (ShutdownTrigger, Shutdown) {
         let (tx, rx) = watch::channel(Phase::Running);
-        (ShutdownTrigger { tx: std::sync::Arc::new(tx) }, Shutdown { rx })
+        (
+            ShutdownTrigger {
+                tx: std::sync::Arc::new(tx),
+            },
+            Shutdown { rx },
+        )
     }
     /// Advances to `phase`; never goes back.
     pub fn advance(&self, phase: Phase) {
@@ -44,7 +49,9 @@ impl ShutdownTrigger {
         *self.tx.borrow()
     }
     pub fn subscribe(&self) -> Shutdown {
-        Shutdown { rx: self.tx.subscribe() }
+        Shutdown {
+            rx: self.tx.subscribe(),
+        }
     }
 }
 

@@ -70,7 +70,9 @@ impl ConnLimits {
         let max_total = self.max_total.load(Ordering::Relaxed);
         if self
             .total
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_total).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max_total).then_some(n + 1)
+            })
             .is_err()
         {
             return Admission::Refused("max_connections");
@@ -107,10 +109,19 @@ mod tests {
         let l = ConnLimits::new(3, 2);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let p1 = match l.admit(a) { Admission::Admitted(p) => p, _ => panic!() };
-        let _p2 = match l.admit(a) { Admission::Admitted(p) => p, _ => panic!() };
+        let p1 = match l.admit(a) {
+            Admission::Admitted(p) => p,
+            _ => panic!(),
+        };
+        let _p2 = match l.admit(a) {
+            Admission::Admitted(p) => p,
+            _ => panic!(),
+        };
         assert!(matches!(l.admit(a), Admission::Refused("per_ip")));
-        let _p3 = match l.admit(b) { Admission::Admitted(p) => p, _ => panic!() };
+        let _p3 = match l.admit(b) {
+            Admission::Admitted(p) => p,
+            _ => panic!(),
+        };
         assert!(matches!(l.admit(b), Admission::Refused("max_connections")));
         drop(p1);
         assert_eq!(l.open(), 2);

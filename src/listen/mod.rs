@@ -2,7 +2,7 @@
 
 mod limits;
 
-pub use limits::{ConnLimits, Admission};
+pub use limits::{Admission, ConnLimits};
 
 use crate::conn::{serve_connection, ListenerShared};
 use crate::http::body::BoxError;
@@ -66,8 +66,12 @@ pub fn bind(name: &str, address: SocketAddr) -> Result<std::net::TcpListener, Bi
 }
 
 /// Accepts connections until draining begins, serving each with `svc` on the current runtime.
-pub async fn accept_loop<S, B>(listener: tokio::net::TcpListener, shared: Arc<ListenerShared>, limits: Arc<ConnLimits>, svc: S)
-where
+pub async fn accept_loop<S, B>(
+    listener: tokio::net::TcpListener,
+    shared: Arc<ListenerShared>,
+    limits: Arc<ConnLimits>,
+    svc: S,
+) where
     S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
@@ -84,17 +88,27 @@ where
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = Duration::ZERO;
-                shared.metrics.connections_accepted.get_or_create(&crate::observe::metrics::ListenerLabels { listener: shared.name.clone() }).inc();
+                shared
+                    .metrics
+                    .connections_accepted
+                    .get_or_create(&crate::observe::metrics::ListenerLabels {
+                        listener: shared.name.clone(),
+                    })
+                    .inc();
                 let permit = match limits.admit(peer.ip()) {
                     Admission::Admitted(p) => p,
                     Admission::Refused(reason) => {
                         shared.metrics.rejected(&shared.name, reason);
-                        shared.debug.event(Switch::Accept, &shared.name.0, peer, || format!("refused {peer}: {reason}"));
+                        shared.debug.event(Switch::Accept, &shared.name.0, peer, || {
+                            format!("refused {peer}: {reason}")
+                        });
                         drop(tcp);
                         continue;
                     }
                 };
-                shared.debug.event(Switch::Accept, &shared.name.0, peer, || format!("accepted {peer}"));
+                shared
+                    .debug
+                    .event(Switch::Accept, &shared.name.0, peer, || format!("accepted {peer}"));
                 let shared = shared.clone();
                 let svc = svc.clone();
                 tokio::spawn(async move {

@@ -5,7 +5,9 @@
 
 use crate::conn::{CloseReason, Registry};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
@@ -77,7 +79,9 @@ struct OpenLabels {
 
 fn duration_histogram() -> Histogram {
     // 100µs .. ~52s: covers cached static files through slow upstreams.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 20))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 20,
+    ))
 }
 
 /// Every metric the server records. Cloning is cheap: each field is a shared handle.
@@ -119,15 +123,31 @@ impl Metrics {
             access_log_dropped: Counter::default(),
             registry: Arc::new(PromRegistry::default()),
         };
-        r.register("connections_accepted", "Connections accepted", m.connections_accepted.clone());
+        r.register(
+            "connections_accepted",
+            "Connections accepted",
+            m.connections_accepted.clone(),
+        );
         r.register(
             "connections_rejected",
             "Connections refused at accept (max_connections, per_ip, draining)",
             m.connections_rejected.clone(),
         );
-        r.register("connections_closed", "Connections closed, by close reason", m.connections_closed.clone());
-        r.register("tls_handshakes", "TLS handshakes, by result, version and negotiated ALPN", m.tls_handshakes.clone());
-        r.register("alpn_fallback", "Connections served HTTP/1.1 although HTTP/2 was configured, by reason", m.alpn_fallback.clone());
+        r.register(
+            "connections_closed",
+            "Connections closed, by close reason",
+            m.connections_closed.clone(),
+        );
+        r.register(
+            "tls_handshakes",
+            "TLS handshakes, by result, version and negotiated ALPN",
+            m.tls_handshakes.clone(),
+        );
+        r.register(
+            "alpn_fallback",
+            "Connections served HTTP/1.1 although HTTP/2 was configured, by reason",
+            m.alpn_fallback.clone(),
+        );
         r.register("requests", "Requests answered", m.requests.clone());
         r.register_with_unit(
             "request_duration",
@@ -138,9 +158,21 @@ impl Metrics {
         r.register("timeouts", "Timeouts that fired, by phase", m.timeouts.clone());
         r.register("panics", "Handler panics turned into 500 responses", m.panics.clone());
         r.register("reloads", "Configuration reloads, by result", m.reloads.clone());
-        r.register("ready", "1 when the server is ready for traffic, 0 while starting or draining", m.ready.clone());
-        r.register("h2_goaway_sent", "HTTP/2 GOAWAY frames sent, by reason", m.h2_goaway_sent.clone());
-        r.register("access_log_dropped", "Access log lines dropped because the sink was too slow", m.access_log_dropped.clone());
+        r.register(
+            "ready",
+            "1 when the server is ready for traffic, 0 while starting or draining",
+            m.ready.clone(),
+        );
+        r.register(
+            "h2_goaway_sent",
+            "HTTP/2 GOAWAY frames sent, by reason",
+            m.h2_goaway_sent.clone(),
+        );
+        r.register(
+            "access_log_dropped",
+            "Access log lines dropped because the sink was too slow",
+            m.access_log_dropped.clone(),
+        );
         r.register_collector(Box::new(OpenConnections { conns }));
         Metrics {
             registry: Arc::new(r),
@@ -246,7 +278,9 @@ impl Collector for OpenConnections {
             prometheus_client::metrics::MetricType::Gauge,
         )?;
         let mut rows: Vec<_> = counts.into_iter().collect();
-        rows.sort_by(|a, b| (&a.0.listener.0, a.0.protocol, a.0.state).cmp(&(&b.0.listener.0, b.0.protocol, b.0.state)));
+        rows.sort_by(|a, b| {
+            (&a.0.listener.0, a.0.protocol, a.0.state).cmp(&(&b.0.listener.0, b.0.protocol, b.0.state))
+        });
         for (labels, n) in rows {
             ConstGauge::new(n).encode(metric.encode_family(&labels)?)?;
         }

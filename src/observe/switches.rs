@@ -48,7 +48,12 @@ impl PeerFilter {
         let net: IpAddr = ip.trim().parse().map_err(|_| format!("`{s}` is not an IP address"))?;
         let max = if net.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
-            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("`{s}` has a bad prefix length"))?,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}` has a bad prefix length"))?,
             None => max,
         };
         Ok(PeerFilter { net, prefix })
@@ -61,11 +66,19 @@ impl PeerFilter {
         };
         match (self.net, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(self.prefix))
+                };
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(self.prefix)) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(self.prefix))
+                };
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -141,7 +154,9 @@ mod tests {
         assert!(f.matches("10.1.2.3".parse().unwrap()));
         assert!(!f.matches("10.2.0.1".parse().unwrap()));
         assert!(f.matches("::ffff:10.1.9.9".parse().unwrap()));
-        assert!(PeerFilter::parse("127.0.0.1").unwrap().matches("127.0.0.1".parse().unwrap()));
+        assert!(PeerFilter::parse("127.0.0.1")
+            .unwrap()
+            .matches("127.0.0.1".parse().unwrap()));
         assert!(PeerFilter::parse("1.2.3.4/33").is_err());
         assert!(PeerFilter::parse("::1/128").unwrap().matches("::1".parse().unwrap()));
     }

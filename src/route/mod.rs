@@ -48,8 +48,15 @@ impl HostPattern {
 #[derive(Clone, Debug)]
 pub enum Handler {
     Static(StaticFiles),
-    Redirect { target: String, status: StatusCode },
-    Respond { status: StatusCode, body: Bytes, content_type: HeaderValue },
+    Redirect {
+        target: String,
+        status: StatusCode,
+    },
+    Respond {
+        status: StatusCode,
+        body: Bytes,
+        content_type: HeaderValue,
+    },
     ConnectionInfo,
 }
 
@@ -93,7 +100,11 @@ fn compile(i: usize, r: &RouteConfig, f: &mut Findings) -> Option<Route> {
         match StaticFiles::new(dir) {
             Ok(s) => Handler::Static(s),
             Err(e) => {
-                f.error(format!("routes[{i}].static"), format!("cannot open {}: {e}", dir.display()), "point static at a readable directory");
+                f.error(
+                    format!("routes[{i}].static"),
+                    format!("cannot open {}: {e}", dir.display()),
+                    "point static at a readable directory",
+                );
                 return None;
             }
         }
@@ -169,17 +180,26 @@ fn request_host(req: &Request<RequestBody>) -> &str {
 async fn route(table: &RouteTable, req: Request<RequestBody>) -> Response<ResponseBody> {
     let host = request_host(&req);
     let path = req.uri().path();
-    let Some((route, rest)) = table
-        .routes
-        .iter()
-        .find_map(|r| if r.host.matches(host) { r.strip(path).map(|rest| (r, rest)) } else { None })
-    else {
+    let Some((route, rest)) = table.routes.iter().find_map(|r| {
+        if r.host.matches(host) {
+            r.strip(path).map(|rest| (r, rest))
+        } else {
+            None
+        }
+    }) else {
         return handlers::text(StatusCode::NOT_FOUND, "not found\n");
     };
     match &route.handler {
         Handler::Static(files) => files.serve(req.method(), rest, req.headers()).await,
         Handler::Redirect { target, status } => {
-            let mut location = format!("{target}{}", if rest.starts_with('/') || rest.is_empty() { rest } else { "/" });
+            let mut location = format!(
+                "{target}{}",
+                if rest.starts_with('/') || rest.is_empty() {
+                    rest
+                } else {
+                    "/"
+                }
+            );
             if let Some(q) = req.uri().query() {
                 location.push('?');
                 location.push_str(q);
@@ -194,7 +214,11 @@ async fn route(table: &RouteTable, req: Request<RequestBody>) -> Response<Respon
                 Err(_) => handlers::text(StatusCode::BAD_REQUEST, "bad request path\n"),
             }
         }
-        Handler::Respond { status, body, content_type } => {
+        Handler::Respond {
+            status,
+            body,
+            content_type,
+        } => {
             let mut r = Response::new(ResponseBody::full(body.clone()));
             *r.status_mut() = *status;
             r.headers_mut().insert(header::CONTENT_TYPE, content_type.clone());

@@ -31,7 +31,11 @@ pub struct Negotiated {
 const NO_APPLICATION_PROTOCOL_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x78];
 
 /// Runs the handshake within `timeout`.
-pub async fn handshake<IO>(mut io: IO, tls: &TlsServer, timeout: Duration) -> Result<(TlsStream<IO>, Negotiated), HandshakeError>
+pub async fn handshake<IO>(
+    mut io: IO,
+    tls: &TlsServer,
+    timeout: Duration,
+) -> Result<(TlsStream<IO>, Negotiated), HandshakeError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -93,7 +97,11 @@ where
             // rustls itself answers with the no_application_protocol alert below.
             let stream = tokio_rustls::StartHandshake::from_parts(accepted, io).into_stream(tls.config.clone());
             let _ = tokio::time::timeout_at(deadline, stream).await;
-            let ours: Vec<_> = tls.alpn.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+            let ours: Vec<_> = tls
+                .alpn
+                .iter()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect();
             return Err(HandshakeError {
                 result: "no_common_protocol",
                 detail: format!("client offered ALPN {offered_alpn:?}, this listener speaks {ours:?}"),

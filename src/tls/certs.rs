@@ -26,7 +26,11 @@ fn who_am_i() -> String {
     // Without libc we cannot call geteuid; /proc/self/status has it on Linux.
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2).unwrap_or("?").to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2).unwrap_or("?").to_string())
+        })
         .map(|uid| format!("uid {uid}"))
         .unwrap_or_else(|| "the current user".to_string())
 }
@@ -41,10 +45,17 @@ fn read_file(path: &Path, what: &str, key: &str, f: &mut Findings) -> Option<Vec
                     "check the path (relative paths are from the working directory)".to_string(),
                 ),
                 std::io::ErrorKind::PermissionDenied => (
-                    format!("cannot read {what} file {}: permission denied (running as {})", path.display(), who_am_i()),
+                    format!(
+                        "cannot read {what} file {}: permission denied (running as {})",
+                        path.display(),
+                        who_am_i()
+                    ),
                     "make it readable by this user".to_string(),
                 ),
-                _ => (format!("cannot read {what} file {}: {e}", path.display()), String::new()),
+                _ => (
+                    format!("cannot read {what} file {}: {e}", path.display()),
+                    String::new(),
+                ),
             };
             f.error(key, problem, fix);
             None
@@ -58,23 +69,31 @@ pub fn load_pair(cert_path: &Path, key_path_file: &Path, key_path: &str, f: &mut
     let key_key = format!("{key_path}.key");
     let cert_pem = read_file(cert_path, "certificate", &cert_key, f);
     let key_pem = read_file(key_path_file, "key", &key_key, f);
-    let chain: Option<Vec<CertificateDer<'static>>> = cert_pem.and_then(|pem| {
-        match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
-            Ok(c) if !c.is_empty() => Some(c),
-            Ok(_) => {
-                f.error(
-                    &cert_key,
-                    format!("{} holds no PEM certificate (no -----BEGIN CERTIFICATE----- block)", cert_path.display()),
-                    "point cert at the PEM certificate chain, leaf first",
-                );
-                None
-            }
-            Err(e) => {
-                f.error(&cert_key, format!("{} is not valid PEM: {e}", cert_path.display()), "point cert at the PEM certificate chain, leaf first");
-                None
-            }
-        }
-    });
+    let chain: Option<Vec<CertificateDer<'static>>> =
+        cert_pem.and_then(
+            |pem| match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
+                Ok(c) if !c.is_empty() => Some(c),
+                Ok(_) => {
+                    f.error(
+                        &cert_key,
+                        format!(
+                            "{} holds no PEM certificate (no -----BEGIN CERTIFICATE----- block)",
+                            cert_path.display()
+                        ),
+                        "point cert at the PEM certificate chain, leaf first",
+                    );
+                    None
+                }
+                Err(e) => {
+                    f.error(
+                        &cert_key,
+                        format!("{} is not valid PEM: {e}", cert_path.display()),
+                        "point cert at the PEM certificate chain, leaf first",
+                    );
+                    None
+                }
+            },
+        );
     let key: Option<PrivateKeyDer<'static>> = key_pem.and_then(|pem| match PrivateKeyDer::from_pem_slice(&pem) {
         Ok(k) => Some(k),
         Err(e) => {
@@ -92,7 +111,11 @@ pub fn load_pair(cert_path: &Path, key_path_file: &Path, key_path: &str, f: &mut
         if mode & 0o077 != 0 {
             f.warning(
                 &key_key,
-                format!("{} is readable by group or others (mode {:o})", key_path_file.display(), mode & 0o777),
+                format!(
+                    "{} is readable by group or others (mode {:o})",
+                    key_path_file.display(),
+                    mode & 0o777
+                ),
                 format!("chmod 600 {}", key_path_file.display()),
             );
         }
@@ -101,7 +124,11 @@ pub fn load_pair(cert_path: &Path, key_path_file: &Path, key_path: &str, f: &mut
     let signer = match rustls::crypto::aws_lc_rs::sign::any_supported_type(&key) {
         Ok(s) => s,
         Err(e) => {
-            f.error(&key_key, format!("{} is not a supported key: {e}", key_path_file.display()), "use an RSA (2048+), ECDSA P-256/P-384 or Ed25519 key");
+            f.error(
+                &key_key,
+                format!("{} is not a supported key: {e}", key_path_file.display()),
+                "use an RSA (2048+), ECDSA P-256/P-384 or Ed25519 key",
+            );
             return None;
         }
     };
@@ -109,7 +136,11 @@ pub fn load_pair(cert_path: &Path, key_path_file: &Path, key_path: &str, f: &mut
     if let Err(e) = certified.keys_match() {
         f.error(
             &key_key,
-            format!("the key in {} does not belong to the certificate in {} ({e})", key_path_file.display(), cert_path.display()),
+            format!(
+                "the key in {} does not belong to the certificate in {} ({e})",
+                key_path_file.display(),
+                cert_path.display()
+            ),
             "use the key the certificate was issued for",
         );
         return None;
@@ -117,7 +148,11 @@ pub fn load_pair(cert_path: &Path, key_path_file: &Path, key_path: &str, f: &mut
     let (subject, names, not_before, not_after) = match describe_leaf(&chain[0]) {
         Ok(d) => d,
         Err(e) => {
-            f.error(&cert_key, format!("cannot parse the first certificate in {}: {e}", cert_path.display()), "the file must start with the leaf certificate");
+            f.error(
+                &cert_key,
+                format!("cannot parse the first certificate in {}: {e}", cert_path.display()),
+                "the file must start with the leaf certificate",
+            );
             return None;
         }
     };
@@ -125,19 +160,31 @@ pub fn load_pair(cert_path: &Path, key_path_file: &Path, key_path: &str, f: &mut
     if not_after <= now {
         f.error(
             &cert_key,
-            format!("certificate {subject} in {} expired on {}", cert_path.display(), httpdate::fmt_http_date(not_after)),
+            format!(
+                "certificate {subject} in {} expired on {}",
+                cert_path.display(),
+                httpdate::fmt_http_date(not_after)
+            ),
             "renew it",
         );
     } else if not_before > now {
         f.error(
             &cert_key,
-            format!("certificate {subject} in {} is not valid before {}", cert_path.display(), httpdate::fmt_http_date(not_before)),
+            format!(
+                "certificate {subject} in {} is not valid before {}",
+                cert_path.display(),
+                httpdate::fmt_http_date(not_before)
+            ),
             "check the system clock, or use a certificate that is valid now",
         );
     } else if not_after.duration_since(now).unwrap_or_default() < EXPIRY_WARNING {
         f.warning(
             &cert_key,
-            format!("certificate {subject} in {} expires on {}", cert_path.display(), httpdate::fmt_http_date(not_after)),
+            format!(
+                "certificate {subject} in {} expires on {}",
+                cert_path.display(),
+                httpdate::fmt_http_date(not_after)
+            ),
             "renew it soon",
         );
     }
@@ -155,7 +202,10 @@ pub fn load_pair(cert_path: &Path, key_path_file: &Path, key_path: &str, f: &mut
 /// clients without that intermediate cached will fail to validate.
 fn check_chain(chain: &[CertificateDer<'_>], cert_path: &Path, key: &str, f: &mut Findings) {
     use x509_parser::prelude::*;
-    let parsed: Vec<_> = chain.iter().filter_map(|c| X509Certificate::from_der(c).ok().map(|(_, x)| x)).collect();
+    let parsed: Vec<_> = chain
+        .iter()
+        .filter_map(|c| X509Certificate::from_der(c).ok().map(|(_, x)| x))
+        .collect();
     for pair in parsed.windows(2) {
         if pair[0].issuer() != pair[1].subject() {
             f.warning(
@@ -195,8 +245,12 @@ pub fn describe_leaf(der: &CertificateDer<'_>) -> Result<(String, Vec<String>, S
                 GeneralName::DNSName(d) => names.push(d.to_ascii_lowercase()),
                 GeneralName::IPAddress(ip) => {
                     let ip = match ip.len() {
-                        4 => <[u8; 4]>::try_from(*ip).ok().map(|b| std::net::IpAddr::from(b).to_string()),
-                        16 => <[u8; 16]>::try_from(*ip).ok().map(|b| std::net::IpAddr::from(b).to_string()),
+                        4 => <[u8; 4]>::try_from(*ip)
+                            .ok()
+                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                        16 => <[u8; 16]>::try_from(*ip)
+                            .ok()
+                            .map(|b| std::net::IpAddr::from(b).to_string()),
                         _ => None,
                     };
                     names.extend(ip);
@@ -214,6 +268,15 @@ pub fn describe_leaf(der: &CertificateDer<'_>) -> Result<(String, Vec<String>, S
         }
     };
     let subject = x.subject().to_string();
-    let subject = if subject.is_empty() { names.first().cloned().unwrap_or_default() } else { subject };
-    Ok((subject, names, to_system(x.validity().not_before), to_system(x.validity().not_after)))
+    let subject = if subject.is_empty() {
+        names.first().cloned().unwrap_or_default()
+    } else {
+        subject
+    };
+    Ok((
+        subject,
+        names,
+        to_system(x.validity().not_before),
+        to_system(x.validity().not_after),
+    ))
 }

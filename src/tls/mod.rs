@@ -58,7 +58,9 @@ impl TlsServer {
         let key = format!("listeners[{index}].tls");
         let mut certs = Vec::new();
         let primary = match (&tls.self_signed, &tls.cert, &tls.key) {
-            (Some(names), _, _) => selfsigned::ensure(state_dir, &listener.name, names, &format!("{key}.self_signed"), f),
+            (Some(names), _, _) => {
+                selfsigned::ensure(state_dir, &listener.name, names, &format!("{key}.self_signed"), f)
+            }
             (None, Some(c), Some(k)) => Some((c.clone(), k.clone())),
             _ => None, // reported by Config::validate
         };
@@ -104,7 +106,11 @@ impl TlsServer {
         let builder = match rustls::ServerConfig::builder_with_provider(provider).with_protocol_versions(versions) {
             Ok(b) => b,
             Err(e) => {
-                f.error(format!("{key}.min_version"), format!("cannot build TLS configuration: {e}"), "");
+                f.error(
+                    format!("{key}.min_version"),
+                    format!("cannot build TLS configuration: {e}"),
+                    "",
+                );
                 return None;
             }
         };
@@ -119,7 +125,11 @@ impl TlsServer {
         if tls.session_tickets {
             match rustls::crypto::aws_lc_rs::Ticketer::new() {
                 Ok(t) => config.ticketer = t,
-                Err(e) => f.warning(format!("{key}.session_tickets"), format!("session tickets unavailable: {e}"), ""),
+                Err(e) => f.warning(
+                    format!("{key}.session_tickets"),
+                    format!("session tickets unavailable: {e}"),
+                    "",
+                ),
             }
         } else {
             config.send_tls13_tickets = 0;

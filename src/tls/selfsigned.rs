@@ -13,7 +13,13 @@ const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 pub fn paths(state_dir: &Path, listener: &str) -> (PathBuf, PathBuf) {
     let safe: String = listener
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let dir = state_dir.join("self-signed");
     (dir.join(format!("{safe}.crt")), dir.join(format!("{safe}.key")))
@@ -21,7 +27,13 @@ pub fn paths(state_dir: &Path, listener: &str) -> (PathBuf, PathBuf) {
 
 /// Returns the certificate and key paths for `names`, creating them if missing, for other names,
 /// or close to expiry. Problems go to `f` under `key`.
-pub fn ensure(state_dir: &Path, listener: &str, names: &[String], key: &str, f: &mut Findings) -> Option<(PathBuf, PathBuf)> {
+pub fn ensure(
+    state_dir: &Path,
+    listener: &str,
+    names: &[String],
+    key: &str,
+    f: &mut Findings,
+) -> Option<(PathBuf, PathBuf)> {
     let (cert_path, key_path) = paths(state_dir, listener);
     if reusable(&cert_path, &key_path, names) {
         return Some((cert_path, key_path));
@@ -54,7 +66,10 @@ fn reusable(cert_path: &Path, key_path: &Path, names: &[String]) -> bool {
     let mut want: Vec<String> = names.iter().map(|n| normalise(n)).collect();
     have.sort();
     want.sort();
-    let fresh = not_after.duration_since(SystemTime::now()).map(|d| d > RENEW_BEFORE).unwrap_or(false);
+    let fresh = not_after
+        .duration_since(SystemTime::now())
+        .map(|d| d > RENEW_BEFORE)
+        .unwrap_or(false);
     have == want && fresh
 }
 
@@ -71,7 +86,10 @@ fn generate(cert_path: &Path, key_path: &Path, names: &[String]) -> Result<(), S
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + VALIDITY;
     let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::CommonName, names.first().cloned().unwrap_or_else(|| "gatehouse".into()));
+    dn.push(
+        rcgen::DnType::CommonName,
+        names.first().cloned().unwrap_or_else(|| "gatehouse".into()),
+    );
     dn.push(rcgen::DnType::OrganizationName, "gatehouse self-signed (development)");
     params.distinguished_name = dn;
     let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
@@ -87,7 +105,12 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("key.tmp");
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)

@@ -23,17 +23,25 @@ impl Pki {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, "gatehouse test CA");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "gatehouse test CA");
         let ca_cert = params.self_signed(&ca_key).unwrap();
         let ca_pem = ca_cert.pem();
         std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
-        Pki { dir, ca_pem, ca_cert, ca_key }
+        Pki {
+            dir,
+            ca_pem,
+            ca_cert,
+            ca_key,
+        }
     }
 
     /// Issues a leaf for `names`; returns (cert path, key path). The cert file holds the chain.
     pub fn leaf(&self, file_stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
         let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
         let cert_path = self.dir.path().join(format!("{file_stem}.crt"));
@@ -52,11 +60,12 @@ impl Pki {
         let mut roots = rustls::RootCertStore::empty();
         let der = rustls::pki_types::CertificateDer::from(self.ca_cert.der().to_vec());
         roots.add(der).unwrap();
-        let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut c =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         c.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         Arc::new(c)
     }
@@ -64,16 +73,29 @@ impl Pki {
     /// A reqwest client trusting this CA.
     pub fn reqwest(&self, http2: bool) -> reqwest::Client {
         let ca = reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap();
-        let b = reqwest::Client::builder().add_root_certificate(ca).use_rustls_tls().no_proxy();
-        let b = if http2 { b.http2_prior_knowledge() } else { b.http1_only() };
+        let b = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .use_rustls_tls()
+            .no_proxy();
+        let b = if http2 {
+            b.http2_prior_knowledge()
+        } else {
+            b.http1_only()
+        };
         b.build().unwrap()
     }
 }
 
 pub fn write_key(path: &Path, pem: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).unwrap();
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
     f.write_all(pem.as_bytes()).unwrap();
 }
 
@@ -102,7 +124,9 @@ impl TestServer {
         let mut f = Findings::default();
         let table = RouteTable::build(&config, &mut f);
         assert!(!f.has_errors(), "{f}");
-        let server = Server::bind(config).unwrap_or_else(|e| panic!("server did not start: {e}")).without_signal_handling();
+        let server = Server::bind(config)
+            .unwrap_or_else(|e| panic!("server did not start: {e}"))
+            .without_signal_handling();
         let addrs = server
             .config()
             .listeners
@@ -113,7 +137,13 @@ impl TestServer {
         let task = tokio::spawn(async move {
             server.serve(Router::new(table)).await.unwrap();
         });
-        TestServer { handle, addrs, access_log, dir, task }
+        TestServer {
+            handle,
+            addrs,
+            access_log,
+            dir,
+            task,
+        }
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {
@@ -124,7 +154,11 @@ impl TestServer {
     pub fn metric(&self, series: &str) -> f64 {
         let text = self.handle.metrics.encode();
         text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .map(|v| v.trim().parse().unwrap())
+            })
             .unwrap_or(0.0)
     }
 
