@@ -28,12 +28,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::from_toml(&format!(
         "[[listeners]]\nname = \"web\"\naddress = \"{address}\"\nprotocols = [\"http/1.1\", \"h2c\"]\n"
     ))?;
-    let app = Router::new()
-        .route("/", get(|| async { "hello from axum behind gatehouse\n" }))
-        .route(
-            "/conn",
-            get(|Extension(ctx): Extension<RequestContext>| async move { format!("{}\n", ctx.conn.protocol().as_str()) }),
-        );
+    let app =
+        Router::new()
+            .route("/", get(|| async { "hello from axum behind gatehouse\n" }))
+            .route(
+                "/conn",
+                get(|Extension(ctx): Extension<RequestContext>| async move {
+                    format!("{}\n", ctx.conn.protocol().as_str())
+                }),
+            );
     let server = Server::bind(config)?;
     if let Some(addr) = server.local_addr("web") {
         println!("listening on http://{addr}");

@@ -64,11 +64,19 @@ fn main() -> ExitCode {
 }
 
 fn try_main(cli: Cli) -> Result<(), gatehouse::app::Exit> {
-    // The log format flag wins; otherwise text on a terminal-less default is JSON per [log] format.
+    // The flag wins; otherwise `[log] format` from the configuration (a configuration that does not
+    // load is reported by the command itself, so it falls back to text here).
     let format = match cli.log_format {
         Some(LogFormatArg::Json) => gatehouse::config::LogFormat::Json,
         Some(LogFormatArg::Text) => gatehouse::config::LogFormat::Text,
-        None => gatehouse::config::LogFormat::Text,
+        None => {
+            let path = match &cli.command {
+                Command::Serve { config } | Command::Check { config } => config.as_deref(),
+            };
+            gatehouse::config::load(path)
+                .map(|(c, _)| c.log.format)
+                .unwrap_or(gatehouse::config::LogFormat::Text)
+        }
     };
     gatehouse::observe::logging::init(format, &cli.log_level)
         .map_err(|message| gatehouse::app::Exit { code: 2, message })?;

@@ -412,14 +412,22 @@ impl Server {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
-                _ = int.recv() => tracing::info!(signal = "SIGINT", "shutdown requested"),
-            }
+    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr2)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined2()),
+    ) else {
+        return std::future::pending::<()>().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return tracing::info!(signal = "SIGTERM", "shutdown requested"),
+            _ = int.recv() => return tracing::info!(signal = "SIGINT", "shutdown requested"),
+            // Their default action would kill the process; until reload and upgrade exist, say so and keep serving.
+            _ = hup.recv() => tracing::warn!(signal = "SIGHUP", "reload is not available in this build; configuration unchanged, still serving"),
+            _ = usr2.recv() => tracing::warn!(signal = "SIGUSR2", "binary upgrade is not available in this build; still serving"),
         }
-        _ => std::future::pending::<()>().await,
     }
 }
 

@@ -103,6 +103,11 @@ fn embedded_default_serves_h1_h2_and_h2c_to_curl_and_drains_on_sigterm() {
     let before = std::fs::read(dir.path().join(cert)).unwrap();
 
     let pid = child.id().to_string();
+    // SIGHUP's default action would kill the process; the server must keep serving.
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert_eq!(curl(&["http://127.0.0.1:9901/healthz"], dir.path()), "ok\n");
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP must not stop the server");
+
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let status = loop {

@@ -298,3 +298,15 @@ async fn h2c_upgrade_is_http1_when_disabled_and_switches_when_enabled() {
     );
     on.stop().await;
 }
+
+#[tokio::test]
+async fn h2_only_listener_rejects_clients_without_alpn() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("localhost", &["localhost"]);
+    let toml =
+        tls_listener("h2only", "[\"h2\"]", "", &cert, &key) + "[[routes]]\nrespond = { status = 200, body = \"ok\" }\n";
+    let srv = TestServer::start(&toml).await;
+    let (err, alert) = alert_after_hello(srv.addr("h2only"), &pki, &[]).await;
+    assert_eq!(alert, Some(NO_APPLICATION_PROTOCOL), "{err:?}");
+    srv.stop().await;
+}

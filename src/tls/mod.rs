@@ -141,11 +141,18 @@ impl TlsServer {
         };
         // Record nothing the client cannot already see; keep rustls from buffering unbounded early data.
         config.max_early_data_size = 0;
+        // A listener that does not speak HTTP/1.1 has nothing to offer a client without ALPN
+        // (RFC 9113 §3.2 requires ALPN for h2 over TLS): such clients get the alert.
+        let on_no_alpn = if alpn.iter().any(|p| p == b"http/1.1") {
+            listener.on_no_alpn
+        } else {
+            OnNoAlpn::Reject
+        };
         Some(TlsServer {
             config: Arc::new(config),
             certs,
             alpn,
-            on_no_alpn: listener.on_no_alpn,
+            on_no_alpn,
         })
     }
 }
