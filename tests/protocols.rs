@@ -310,3 +310,25 @@ async fn h2_only_listener_rejects_clients_without_alpn() {
     assert_eq!(alert, Some(NO_APPLICATION_PROTOCOL), "{err:?}");
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn ed25519_keys_work_and_sessions_resume() {
+    let pki = Pki::new();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let (cert, key) = pki.leaf_with("ed", &["localhost"], key);
+    let toml = tls_listener("web", "[\"h2\", \"http/1.1\"]", "", &cert, &key)
+        + "[[routes]]\nrespond = { status = 200, body = \"ok\" }\n";
+    let srv = TestServer::start(&toml).await;
+    // One client config keeps its session cache across connections.
+    let client = pki.client_config(&["http/1.1"]);
+    let mut first = tls_connect(srv.addr("web"), "localhost", client.clone()).await.unwrap();
+    assert_eq!(first.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    // TLS 1.3 tickets arrive after the handshake: read a response so the client has processed them.
+    assert!(http1_over(&mut first).await.ends_with("ok"));
+    let second = tls_connect(srv.addr("web"), "localhost", client).await.unwrap();
+    assert_eq!(
+        second.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    srv.stop().await;
+}

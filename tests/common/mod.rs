@@ -39,7 +39,11 @@ impl Pki {
 
     /// Issues a leaf for `names`; returns (cert path, key path). The cert file holds the chain.
     pub fn leaf(&self, file_stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-        let key = rcgen::KeyPair::generate().unwrap();
+        self.leaf_with(file_stem, names, rcgen::KeyPair::generate().unwrap())
+    }
+
+    /// Like `leaf`, with a key of the caller's algorithm.
+    pub fn leaf_with(&self, file_stem: &str, names: &[&str], key: rcgen::KeyPair) -> (PathBuf, PathBuf) {
         let mut params =
             rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
