@@ -18,7 +18,7 @@ mod server;
 pub mod tls;
 
 pub use config::Config;
-pub use http::{RequestBody, RequestContext};
+pub use http::{HttpService, RequestBody, RequestContext, ServiceBody};
 pub use server::{prepare, Prepared, Server, ServerHandle, StartError};
 
 impl Config {

@@ -18,15 +18,12 @@
 
 use crate::config::{Config, Findings, Severity};
 use crate::conn::{ConnSettings, ListenerShared, ProtocolPolicy, Registry};
-use crate::http::body::BoxError;
-use crate::http::RequestBody;
+use crate::http::{HttpService, ServiceBody};
 use crate::lifecycle::{Phase, ShutdownTrigger};
 use crate::listen::{self, BindError, ConnLimits};
 use crate::observe::{AccessLog, Metrics, Name, PeerFilter, Switch, SwitchSet, Switches};
 use crate::tls::TlsServer;
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::{Request, Response};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -282,11 +279,8 @@ impl Server {
     /// Serves `svc` on the current tokio runtime until shut down, then drains.
     pub async fn serve<S, B>(self, svc: S) -> Result<(), StartError>
     where
-        S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Error: Into<BoxError>,
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
+        S: HttpService<B>,
+        B: ServiceBody,
     {
         let handles = vec![tokio::runtime::Handle::current()];
         self.serve_on(svc, handles).await
@@ -296,11 +290,8 @@ impl Server {
     /// running `control` (admin API, reload) on the calling thread. Blocks until drained.
     pub fn run<S, B, F>(self, svc: S, workers: usize, control: impl FnOnce(ServerHandle) -> F) -> Result<(), StartError>
     where
-        S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Error: Into<BoxError>,
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
+        S: HttpService<B>,
+        B: ServiceBody,
         F: std::future::Future<Output = ()> + 'static,
     {
         let workers = if workers == 0 {
@@ -352,11 +343,8 @@ impl Server {
 
     async fn serve_on<S, B>(self, svc: S, workers: Vec<tokio::runtime::Handle>) -> Result<(), StartError>
     where
-        S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Error: Into<BoxError>,
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
+        S: HttpService<B>,
+        B: ServiceBody,
     {
         for (shared, socket) in &self.listeners {
             for w in &workers {

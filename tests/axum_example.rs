@@ -1,5 +1,7 @@
 //! Runs `examples/axum.rs` (cargo builds examples for `cargo test`) and talks to it over h1 and h2c.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -57,16 +59,6 @@ async fn axum_router_served_by_gatehouse() {
         .status()
         .unwrap()
         .success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "example did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = common::wait_exit(&mut child, Duration::from_secs(15));
     assert_eq!(status.code(), Some(0));
 }

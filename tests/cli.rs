@@ -1,5 +1,7 @@
 //! The `gatehouse` binary as an operator runs it: embedded default, curl, exit codes, signals.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -109,17 +111,7 @@ fn embedded_default_serves_h1_h2_and_h2c_to_curl_and_drains_on_sigterm() {
     assert!(child.try_wait().unwrap().is_none(), "SIGHUP must not stop the server");
 
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "server did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_exit(&mut child, Duration::from_secs(15));
     assert_eq!(status.code(), Some(0));
 
     let out = gatehouse().arg("check").current_dir(dir.path()).output().unwrap();

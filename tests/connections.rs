@@ -118,7 +118,17 @@ async fn first_request_and_idle_timeouts_close_with_named_reasons() {
     ))
     .await;
     let addr = srv.addr("c");
+    // Each close must come near the configured 300ms, not early: an instant close with the right
+    // reason would mean the deadline is computed wrongly.
+    let near = |t: std::time::Instant| {
+        let e = t.elapsed();
+        assert!(
+            e >= Duration::from_millis(250) && e < Duration::from_millis(2000),
+            "closed after {e:?}"
+        );
+    };
     // Never sends a byte.
+    let started = std::time::Instant::now();
     let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut b = [0u8; 1];
     let n = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut b))
@@ -126,6 +136,7 @@ async fn first_request_and_idle_timeouts_close_with_named_reasons() {
         .expect("closed by server")
         .unwrap_or(0);
     assert_eq!(n, 0);
+    near(started);
     assert!(
         srv.wait_metric(
             r#"gatehouse_connections_closed_total{listener="c",reason="first_request_timeout"}"#,
@@ -136,12 +147,14 @@ async fn first_request_and_idle_timeouts_close_with_named_reasons() {
     // One request, then silence: idle timeout.
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let started = std::time::Instant::now();
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out))
         .await
         .expect("closed by server")
         .unwrap();
     assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    near(started);
     assert!(
         srv.wait_metric(
             r#"gatehouse_connections_closed_total{listener="c",reason="idle_timeout"}"#,
@@ -152,11 +165,13 @@ async fn first_request_and_idle_timeouts_close_with_named_reasons() {
     // Half a request head, then silence: header timeout (slowloris).
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n").await.unwrap();
+    let started = std::time::Instant::now();
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out))
         .await
         .expect("closed by server")
         .unwrap();
+    near(started);
     assert!(
         srv.wait_metric(
             r#"gatehouse_connections_closed_total{listener="c",reason="header_timeout"}"#,

@@ -4,9 +4,8 @@ use super::io::MeteredIo;
 use super::watchdog::{self, Verdict};
 use super::{h2c, CloseReason, ConnInfo, ConnShared, ConnState, ListenerShared, Protocol};
 use crate::http::body::BoxError;
-use crate::http::{Pipeline, RequestBody};
+use crate::http::{HttpService, Pipeline, ServiceBody};
 use bytes::{Bytes, BytesMut};
-use http::{Request, Response};
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::future::Future;
@@ -25,11 +24,8 @@ const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Serves one accepted TCP connection until it closes, with `svc` answering its requests.
 pub async fn serve_connection<S, B>(tcp: TcpStream, peer: SocketAddr, listener: Arc<ListenerShared>, svc: S)
 where
-    S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: ServiceBody,
 {
     let local = tcp.local_addr().unwrap_or(peer);
     let _ = tcp.set_nodelay(true);
@@ -77,11 +73,8 @@ where
 
 async fn run<S, B>(tcp: TcpStream, conn: &Arc<ConnShared>, svc: S) -> CloseReason
 where
-    S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: ServiceBody,
 {
     let listener = &conn.listener;
     let info = &conn.info;
@@ -253,11 +246,8 @@ fn h1_builder(conn: &ConnShared) -> http1::Builder {
 async fn serve_h1<IO, S, B>(io: MeteredIo<IO>, conn: &Arc<ConnShared>, svc: S) -> CloseReason
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: ServiceBody,
 {
     conn.info.set_protocol(Protocol::Http11);
     let pipeline = Pipeline::new(svc.clone(), conn.clone());
@@ -280,11 +270,8 @@ where
 async fn serve_h2<IO, S, B>(io: IO, conn: &Arc<ConnShared>, svc: S, protocol: Protocol) -> CloseReason
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: ServiceBody,
 {
     conn.info.set_protocol(protocol);
     let s = conn.listener.settings.load();

@@ -7,6 +7,7 @@
 
 use super::body::BoxError;
 use super::request_body::{BodyState, RequestBody};
+use super::{HttpService, ServiceBody};
 use crate::conn::{h2c, ConnInfo, ConnShared, PendingH2c, Protocol};
 use crate::observe::access_log::{json_num, json_str, now_rfc3339};
 use crate::observe::metrics::{method_label, ListenerLabels, ProtocolLabels, RequestLabels};
@@ -65,11 +66,9 @@ const BODY_TOO_LARGE: &str = "request body exceeds limits.max_body_bytes\n";
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Pipeline<S>
 where
-    S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    // The explicit `Response` names `B` so the impl can be generic over it.
+    S: HttpService<B> + tower_service::Service<Request<RequestBody>, Response = Response<B>>,
+    B: ServiceBody,
 {
     type Response = Response<Instrumented<B>>;
     type Error = Infallible;
@@ -272,8 +271,8 @@ impl Record {
         started: Instant,
         body: Arc<BodyState>,
     ) -> Self {
-        let logging = conn.listener.access_log.load().enabled();
-        let (host, path) = if logging {
+        let log = conn.listener.access_log.load();
+        let (host, path) = if log.enabled() {
             let host = parts
                 .uri
                 .host()
@@ -282,11 +281,12 @@ impl Record {
                 .unwrap_or_default()
                 .to_string();
             let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-            let path = conn.listener.access_log.load().redactor().redact(pq).into_owned();
+            let path = log.redactor().redact(pq).into_owned();
             (host, path)
         } else {
             (String::new(), String::new())
         };
+        drop(log);
         Record {
             protocol: conn.info.protocol(),
             conn,

@@ -5,11 +5,8 @@ mod limits;
 pub use limits::{Admission, ConnLimits};
 
 use crate::conn::{serve_connection, ListenerShared};
-use crate::http::body::BoxError;
-use crate::http::RequestBody;
+use crate::http::{HttpService, ServiceBody};
 use crate::observe::Switch;
-use bytes::Bytes;
-use http::{Request, Response};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,11 +69,8 @@ pub async fn accept_loop<S, B>(
     limits: Arc<ConnLimits>,
     svc: S,
 ) where
-    S: tower_service::Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: ServiceBody,
 {
     let mut backoff = Duration::ZERO;
     loop {

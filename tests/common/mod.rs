@@ -203,3 +203,19 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Waits (bounded) for a child process to exit; panics if it does not.
+pub fn wait_exit(child: &mut std::process::Child, timeout: std::time::Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        // A child's exit has no awaitable event short of blocking in wait(), which cannot time out.
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process did not exit within {timeout:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
