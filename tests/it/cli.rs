@@ -1,6 +1,6 @@
 //! The `gatehouse` binary as an operator runs it: embedded default, curl, exit codes, signals.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -1,6 +1,6 @@
 //! Runs `examples/axum.rs` (cargo builds examples for `cargo test`) and talks to it over h1 and h2c.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -1,6 +1,6 @@
 //! Connection lifecycle on real sockets: max requests per connection, panics, timeouts, paths.
 
-mod common;
+use crate::common;
 
 use common::{raw_exchange, TestServer};
 use std::time::Duration;

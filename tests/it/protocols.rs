@@ -1,6 +1,6 @@
 //! Protocol selection on real sockets: HTTP/1.1, h2 over TLS, h2c, ALPN policy and SNI.
 
-mod common;
+use crate::common;
 
 use common::{tls_connect, Pki, TestServer};
 use std::time::Duration;
