@@ -3,6 +3,7 @@
 mod common;
 
 mod axum_example;
+mod check;
 mod cli;
 mod connections;
 mod protocols;

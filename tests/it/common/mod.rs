@@ -55,6 +55,11 @@ impl Pki {
         (cert_path, key_path)
     }
 
+    /// Signs `params` for `key` with this CA; returns the leaf's PEM.
+    pub fn sign(&self, params: rcgen::CertificateParams, key: &rcgen::KeyPair) -> String {
+        params.signed_by(key, &self.ca_cert, &self.ca_key).unwrap().pem()
+    }
+
     pub fn ca_path(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
     }
