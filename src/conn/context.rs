@@ -1,12 +1,12 @@
 //! What every connection of a listener shares: its policy, settings, metrics and log sinks.
 
-use super::{ConnInfo, Registry};
+use super::{CloseReason, ConnInfo, Registry};
 use crate::config::{Http2Config, Limits, ListenerConfig, Protocol as ConfigProtocol, Timeouts};
 use crate::lifecycle::Shutdown;
 use crate::observe::{AccessLog, Metrics, Name};
 use crate::tls::TlsServer;
 use arc_swap::ArcSwap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The per-connection bounds, swapped whole on reload.
 #[derive(Clone, Debug, Default)]
@@ -57,6 +57,10 @@ pub struct ConnShared {
     pub close_requested: tokio::sync::Notify,
     /// An accepted `Upgrade: h2c`, taken by the connection task once HTTP/1.1 hands over.
     pub pending_h2c: Mutex<Option<PendingH2c>>,
+    /// Why the connection is closing, when the request pipeline (or the watchdog) knows better
+    /// than hyper's result: after a `408` for a stalled body, hyper just sees a finished exchange.
+    /// The first cause set wins; shutdown and forced drain still take precedence.
+    pub close_cause: OnceLock<CloseReason>,
 }
 
 /// The parts of an `Upgrade: h2c` switch the connection task needs after the 101 is written.

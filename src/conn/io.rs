@@ -1,4 +1,7 @@
 //! The transport under hyper: counts bytes, feeds the watchdog, and replays sniffed bytes.
+//!
+//! Writes feed the `write` timeout: a `Pending` write or flush marks the transport blocked, and
+//! accepted bytes mark progress. Both are atomics in `ConnInfo`, read by the watchdog.
 
 use super::ConnInfo;
 use bytes::{Buf, Bytes};
@@ -49,9 +52,7 @@ impl<T: AsyncWrite> AsyncWrite for MeteredIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.project();
         let res = this.inner.poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = res {
-            this.info.add_bytes_out(n);
-        }
+        note_write(this.info, &res);
         res
     }
     fn poll_write_vectored(
@@ -61,18 +62,38 @@ impl<T: AsyncWrite> AsyncWrite for MeteredIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let res = this.inner.poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = res {
-            this.info.add_bytes_out(n);
-        }
+        note_write(this.info, &res);
         res
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        // A TLS stream flushes its buffered records here: a stuck peer shows up as `Pending`.
+        let res = this.inner.poll_flush(cx);
+        if res.is_pending() {
+            this.info.note_write_blocked();
+        }
+        res
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let this = self.project();
+        let res = this.inner.poll_shutdown(cx);
+        if res.is_pending() {
+            this.info.note_write_blocked();
+        }
+        res
+    }
+}
+
+fn note_write(info: &ConnInfo, res: &Poll<io::Result<usize>>) {
+    match res {
+        Poll::Ready(Ok(n)) if *n > 0 => {
+            info.add_bytes_out(*n);
+            info.note_write_progress();
+        }
+        Poll::Pending => info.note_write_blocked(),
+        Poll::Ready(_) => {}
     }
 }

@@ -32,6 +32,15 @@ pub struct ConnInfo {
     /// Nanoseconds after `opened` (+1, so 0 means none) when the first byte of a request head
     /// arrived on an idle HTTP/1.1 connection; cleared when the head is complete.
     head_started: AtomicU64,
+    /// Nanoseconds after `opened` (+1, so 0 means none) since when the transport has refused
+    /// writes (the peer's receive window and our send buffer are full); cleared by progress.
+    write_blocked_since: AtomicU64,
+    /// HTTP/2: responses that handed hyper a frame (or their headers) and were not polled again,
+    /// so hyper is waiting on the peer's flow-control window to send more.
+    awaiting_peer: AtomicU32,
+    /// Nanoseconds after `opened` when a response last began to wait on the peer, or the transport
+    /// last accepted bytes while one did: the start of the current stall, if `awaiting_peer > 0`.
+    peer_stalled_since: AtomicU64,
 }
 
 /// What the TLS handshake settled on.
@@ -61,6 +70,9 @@ impl ConnInfo {
             bytes_out: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
+            write_blocked_since: AtomicU64::new(0),
+            awaiting_peer: AtomicU32::new(0),
+            peer_stalled_since: AtomicU64::new(0),
         }
     }
 
@@ -84,6 +96,50 @@ impl ConnInfo {
             let n = self.nanos_since_open(Instant::now()).saturating_add(1);
             self.head_started.store(n, Relaxed);
         }
+    }
+
+    /// The transport refused a write (or a flush): the peer is not taking bytes right now.
+    pub fn note_write_blocked(&self) {
+        if self.write_blocked_since.load(Relaxed) == 0 {
+            let n = self.nanos_since_open(Instant::now()).saturating_add(1);
+            self.write_blocked_since.store(n, Relaxed);
+        }
+    }
+    /// The transport accepted bytes. Costs two loads unless a write was blocked or a response
+    /// waits on the peer, so the hot path reads no clock.
+    pub fn note_write_progress(&self) {
+        if self.write_blocked_since.load(Relaxed) != 0 {
+            self.write_blocked_since.store(0, Relaxed);
+        }
+        if self.awaiting_peer.load(Relaxed) > 0 {
+            self.peer_stalled_since
+                .store(self.nanos_since_open(Instant::now()), Relaxed);
+        }
+    }
+    /// Since when writes have been refused, if they are now.
+    pub fn write_blocked_since(&self) -> Option<Instant> {
+        match self.write_blocked_since.load(Relaxed) {
+            0 => None,
+            n => Some(self.opened + std::time::Duration::from_nanos(n - 1)),
+        }
+    }
+    /// HTTP/2: a response now waits for hyper to send what it was given (the peer's window).
+    pub fn peer_wait_started(&self) {
+        if self.awaiting_peer.fetch_add(1, Relaxed) == 0 {
+            self.peer_stalled_since
+                .store(self.nanos_since_open(Instant::now()), Relaxed);
+        }
+    }
+    /// HTTP/2: a response that waited on the peer was polled again, ended or was dropped.
+    pub fn peer_wait_ended(&self) {
+        let _ = self.awaiting_peer.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+    }
+    /// HTTP/2: since when the responses waiting on the peer have seen no bytes accepted, if any waits.
+    pub fn peer_stalled_since(&self) -> Option<Instant> {
+        if self.awaiting_peer.load(Relaxed) == 0 {
+            return None;
+        }
+        Some(self.opened + std::time::Duration::from_nanos(self.peer_stalled_since.load(Relaxed)))
     }
 
     pub fn state(&self) -> ConnState {

@@ -47,6 +47,7 @@ where
         listener: listener.clone(),
         close_requested: tokio::sync::Notify::new(),
         pending_h2c: Mutex::new(None),
+        close_cause: std::sync::OnceLock::new(),
     });
     let reason = run(tcp, &conn, svc).await;
     info.set_state(ConnState::Closed);
@@ -327,6 +328,8 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
     let http1 = protocol == Protocol::Http11;
     tokio::pin!(hconn);
     let mut initiated: Option<CloseReason> = None;
+    // When a graceful close we started should have finished.
+    let mut grace_until = tokio::time::Instant::now();
     let first = watchdog::check(
         info,
         http1,
@@ -340,13 +343,15 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
     tokio::pin!(sleep);
     loop {
         tokio::select! {
-            res = hconn.as_mut() => return classify(res, initiated, info, listener),
+            res = hconn.as_mut() => return classify(res, initiated, conn),
             _ = listener.shutdown.draining(), if initiated.is_none() => {
                 initiated = Some(CloseReason::Shutdown);
                 info.set_state(ConnState::Closing);
                 if !http1 {
                     listener.metrics.goaway(&listener.name, "shutdown");
-                    sleep.as_mut().reset(tokio::time::Instant::now() + GOAWAY_GRACE);
+                    grace_until = tokio::time::Instant::now() + GOAWAY_GRACE;
+                    let at = grace_until.min(sleep.deadline());
+                    sleep.as_mut().reset(at);
                 }
                 hconn.as_mut().graceful();
             }
@@ -354,31 +359,56 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
                 initiated = Some(CloseReason::MaxRequests);
                 info.set_state(ConnState::Closing);
                 listener.metrics.goaway(&listener.name, "max_requests");
-                sleep.as_mut().reset(tokio::time::Instant::now() + GOAWAY_GRACE);
+                grace_until = tokio::time::Instant::now() + GOAWAY_GRACE;
+                let at = grace_until.min(sleep.deadline());
+                sleep.as_mut().reset(at);
                 hconn.as_mut().graceful();
             }
             _ = listener.shutdown.forced() => return CloseReason::DrainForced,
             _ = &mut sleep => {
-                if let Some(reason) = initiated {
-                    if info.in_flight() > 0 {
-                        // Streams are still being answered; the drain deadline bounds this wait.
-                        sleep.as_mut().reset(tokio::time::Instant::now() + GOAWAY_GRACE);
-                        continue;
-                    }
-                    // The graceful close we started did not finish: the peer is not answering.
-                    return reason;
-                }
                 let settings = listener.settings.load();
-                match watchdog::check(info, http1, &settings.timeouts, std::time::Instant::now()) {
-                    Verdict::Recheck(at) => sleep.as_mut().reset(at.into()),
+                let now = tokio::time::Instant::now();
+                let verdict = watchdog::check(info, http1, &settings.timeouts, now.into_std());
+                if verdict == Verdict::Expired(CloseReason::WriteTimeout) {
+                    // The peer takes no bytes, so neither a response nor a GOAWAY could reach it:
+                    // close now. Dropping the connection ends its in-flight responses.
+                    let _ = conn.close_cause.set(CloseReason::WriteTimeout);
+                    tracing::debug!(
+                        conn_id = info.id,
+                        listener = %listener.name.0,
+                        remote = %info.peer,
+                        timeout_ms = settings.timeouts.write.get().as_millis() as u64,
+                        in_flight = info.in_flight(),
+                        "write timeout: the client accepted no response bytes; closing"
+                    );
+                    return CloseReason::WriteTimeout;
+                }
+                let recheck = match verdict {
+                    Verdict::Recheck(at) => tokio::time::Instant::from_std(at),
+                    Verdict::Expired(_) => now,
+                };
+                if let Some(reason) = initiated {
+                    if now >= grace_until {
+                        if info.in_flight() == 0 {
+                            // The graceful close we started did not finish: the peer is not answering.
+                            return reason;
+                        }
+                        // Streams are still being answered; the drain deadline bounds this wait.
+                        grace_until = now + GOAWAY_GRACE;
+                    }
+                    sleep.as_mut().reset(grace_until.min(recheck.max(now + MIN_RECHECK)));
+                    continue;
+                }
+                match verdict {
+                    Verdict::Recheck(_) => sleep.as_mut().reset(recheck),
                     Verdict::Expired(reason) if !http1 && info.requests() > 0 => {
                         // HTTP/2: say goodbye with GOAWAY rather than a bare close; bound the wait.
                         initiated = Some(reason);
                         info.set_state(ConnState::Closing);
                         listener.metrics.goaway(&listener.name, reason.as_str());
                         hconn.as_mut().graceful();
-                        let wait = settings.http2.keepalive_timeout.get();
-                        sleep.as_mut().reset(tokio::time::Instant::now() + wait);
+                        grace_until = now + settings.http2.keepalive_timeout.get();
+                        sleep.as_mut().reset(grace_until.min(now + MIN_RECHECK));
                     }
                     Verdict::Expired(reason) => return reason,
                 }
@@ -387,19 +417,26 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
     }
 }
 
+/// While a graceful close is under way the watchdog only looks for write stalls; this keeps an
+/// already-expired phase deadline from turning the wait into a busy loop.
+const MIN_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Names the reason a hyper connection ended.
-fn classify(
-    res: hyper::Result<()>,
-    initiated: Option<CloseReason>,
-    info: &ConnInfo,
-    listener: &ListenerShared,
-) -> CloseReason {
+fn classify(res: hyper::Result<()>, initiated: Option<CloseReason>, conn: &ConnShared) -> CloseReason {
+    let info = &conn.info;
+    // A cause the pipeline recorded (a body timeout answered 408, a malformed body) explains the
+    // close better than hyper's view, unless a drain we started is what ended the connection.
+    if initiated != Some(CloseReason::Shutdown) {
+        if let Some(cause) = conn.close_cause.get() {
+            return *cause;
+        }
+    }
     match res {
         Ok(()) => {
             if let Some(r) = initiated {
                 return r;
             }
-            let max = u64::from(listener.settings.load().limits.max_requests_per_connection);
+            let max = u64::from(conn.listener.settings.load().limits.max_requests_per_connection);
             if info.protocol() == Protocol::Http11 && info.requests() >= max {
                 CloseReason::MaxRequests
             } else {

@@ -5,7 +5,7 @@ mod pipeline;
 mod request_body;
 
 pub use pipeline::{strip_port, Instrumented, Pipeline, RequestContext};
-pub use request_body::{BodyLimitExceeded, BodyState, RequestBody};
+pub use request_body::{BodyFault, BodyLimitExceeded, BodyReadTimeout, BodyState, RequestBody};
 
 use body::BoxError;
 use bytes::Bytes;

@@ -2,13 +2,15 @@
 //!
 //! It numbers the request, applies the per-connection request limit and the body limit, turns
 //! handler panics and errors into a 500 for that request alone, bounds the whole handling with the
-//! `request` timeout (504), intercepts `Upgrade: h2c`, and records the request when its response
-//! body ends: metrics, access log, connection state.
+//! `request` timeout (504), answers for a request body that failed (413, 408, 400), intercepts
+//! `Upgrade: h2c`, and records the request when its response body ends: metrics, access log,
+//! connection state. On HTTP/2 the response body also tells the watchdog when it waits on the
+//! peer's flow-control window, which is how the `write` timeout sees a zero-window stall.
 
 use super::body::BoxError;
-use super::request_body::{BodyState, RequestBody};
+use super::request_body::{BodyFault, BodyState, RequestBody};
 use super::{HttpService, ServiceBody};
-use crate::conn::{h2c, ConnInfo, ConnShared, PendingH2c, Protocol};
+use crate::conn::{h2c, CloseReason, ConnInfo, ConnShared, PendingH2c, Protocol};
 use crate::observe::access_log::{json_num, json_str, now_rfc3339};
 use crate::observe::metrics::{method_label, ListenerLabels, ProtocolLabels, RequestLabels};
 use bytes::Bytes;
@@ -88,6 +90,7 @@ where
         let settings = conn.listener.settings.load();
         let max_body = settings.limits.max_body_bytes.get();
         let request_timeout = settings.timeouts.request.get();
+        let body_read_timeout = settings.timeouts.body_read.get();
         let last = seq >= u64::from(settings.limits.max_requests_per_connection);
         if last && protocol.is_h2() {
             conn.close_requested.notify_one();
@@ -112,7 +115,7 @@ where
                 Some("limit:max_body_bytes"),
             ))));
         }
-        let body = RequestBody::new(incoming, max_body, body_state.clone());
+        let body = RequestBody::new(incoming, max_body, body_read_timeout, body_state.clone());
         parts.extensions.insert(RequestContext {
             conn: conn.info.clone(),
             seq,
@@ -127,9 +130,9 @@ where
             };
             let outcome = tokio::time::timeout(request_timeout, AssertUnwindSafe(handled).catch_unwind()).await;
             let resp = match outcome {
-                Ok(Ok(_)) if body_state.limit_exceeded() => {
-                    let resp = gatehouse_response(StatusCode::PAYLOAD_TOO_LARGE, BODY_TOO_LARGE);
-                    record.attach(resp, true, Some("limit:max_body_bytes"))
+                Ok(Ok(_)) if body_state.fault().is_some() => {
+                    let fault = body_state.fault().unwrap_or(BodyFault::Aborted);
+                    answer_body_fault(record, fault, body_read_timeout)
                 }
                 Ok(Ok(Ok(resp))) => {
                     let (parts, body) = resp.into_parts();
@@ -214,6 +217,51 @@ impl<S> Pipeline<S> {
         );
         None
     }
+}
+
+/// The answer for a request whose body failed, whatever the handler made of the error it read.
+fn answer_body_fault<B>(record: Record, fault: BodyFault, body_read: std::time::Duration) -> Response<Instrumented<B>>
+where
+    Instrumented<B>: Body,
+{
+    let conn = record.conn.clone();
+    let http1 = record.protocol == Protocol::Http11;
+    let listener = &conn.listener;
+    // On HTTP/1.1 the rest of the body is unread, so the connection cannot carry another request:
+    // each answer closes it. On HTTP/2 only this stream is affected and the connection serves on.
+    let (status, body, error) = match fault {
+        BodyFault::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, BODY_TOO_LARGE, "limit:max_body_bytes"),
+        BodyFault::Timeout => {
+            listener.metrics.timeout(&listener.name, "body_read");
+            if http1 {
+                let _ = conn.close_cause.set(CloseReason::BodyTimeout);
+            }
+            tracing::debug!(
+                conn_id = conn.info.id,
+                req_id = %record.req_id(),
+                listener = %listener.name.0,
+                remote = %conn.info.peer,
+                timeout_ms = body_read.as_millis() as u64,
+                bytes_in = record.body.bytes(),
+                "body read timeout: the client sent no body bytes; answered 408"
+            );
+            (
+                StatusCode::REQUEST_TIMEOUT,
+                "request body stalled longer than timeouts.body_read\n",
+                "timeout:body_read",
+            )
+        }
+        BodyFault::Malformed => {
+            if http1 {
+                let _ = conn.close_cause.set(CloseReason::ProtocolError);
+            }
+            tracing::debug!(conn_id = conn.info.id, req_id = %record.req_id(), "malformed request body; answered 400");
+            (StatusCode::BAD_REQUEST, "malformed request body\n", "malformed_body")
+        }
+        // The client is gone: this answer reaches nobody, but the request is still recorded.
+        BodyFault::Aborted => (StatusCode::BAD_REQUEST, "request body aborted\n", "body_aborted"),
+    };
+    record.attach(gatehouse_response(status, body), true, Some(error))
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -325,7 +373,13 @@ impl Record {
         }
         self.status = resp.status().as_u16();
         self.error = error;
-        resp.body_mut().record = Some(self);
+        let ended = self.complete_if_dropped;
+        let body = resp.body_mut();
+        body.record = Some(self);
+        if !ended {
+            // Handed to hyper, not polled yet: from here hyper waits on the peer to send it.
+            set_peer_wait(&body.record, &mut body.awaiting_peer, true);
+        }
         resp
     }
 
@@ -378,6 +432,9 @@ impl Record {
             );
             match (self.error, aborted) {
                 (Some(e), _) => json_str(&mut line, "error", e),
+                (None, true) if self.conn.close_cause.get() == Some(&CloseReason::WriteTimeout) => {
+                    json_str(&mut line, "error", "timeout:write")
+                }
                 (None, true) => json_str(&mut line, "error", "response_aborted"),
                 _ => {}
             }
@@ -395,16 +452,40 @@ pin_project_lite::pin_project! {
         #[pin]
         kind: Kind<B>,
         record: Option<Record>,
+        // HTTP/2: hyper holds data (or the headers) from this body and has not asked for more,
+        // which it does only once the peer's flow-control window has room. Waiting on the
+        // handler (the inner body is `Pending`) is never counted: that is not the peer's fault.
+        awaiting_peer: bool,
     }
 
     impl<B> PinnedDrop for Instrumented<B> {
         fn drop(this: Pin<&mut Self>) {
-            if let Some(record) = this.project().record.take() {
+            let this = this.project();
+            set_peer_wait(this.record, this.awaiting_peer, false);
+            if let Some(record) = this.record.take() {
                 let aborted = !record.complete_if_dropped;
                 record.finish(aborted);
             }
         }
     }
+}
+
+/// Keeps the connection's count of responses waiting on the peer in step with `flag` (HTTP/2
+/// only: on HTTP/1.1 the socket itself reports a peer that takes no bytes).
+fn set_peer_wait(record: &Option<Record>, flag: &mut bool, on: bool) {
+    if *flag == on {
+        return;
+    }
+    let Some(rec) = record else { return };
+    if !rec.protocol.is_h2() {
+        return;
+    }
+    if on {
+        rec.conn.info.peer_wait_started();
+    } else {
+        rec.conn.info.peer_wait_ended();
+    }
+    *flag = on;
 }
 
 pin_project_lite::pin_project! {
@@ -420,6 +501,7 @@ impl<B> Instrumented<B> {
         Instrumented {
             kind: Kind::Inner { body },
             record: None,
+            awaiting_peer: false,
         }
     }
     fn fixed(data: Bytes) -> Self {
@@ -428,6 +510,7 @@ impl<B> Instrumented<B> {
                 data: if data.is_empty() { None } else { Some(data) },
             },
             record: None,
+            awaiting_peer: false,
         }
     }
 }
@@ -449,6 +532,8 @@ where
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
+        // Polled again: hyper has room to send, so whatever it held has gone to the peer.
+        set_peer_wait(this.record, this.awaiting_peer, false);
         let mut kind = this.kind;
         let polled = match kind.as_mut().project() {
             KindProj::Inner { body } => match body.poll_frame(cx) {
@@ -467,6 +552,8 @@ where
                     if let Some(rec) = this.record.take() {
                         rec.finish(false);
                     }
+                } else {
+                    set_peer_wait(this.record, this.awaiting_peer, true);
                 }
             }
             Some(Err(_)) => {

@@ -195,7 +195,9 @@ impl Metrics {
                 reason: reason.as_str(),
             })
             .inc();
-        if let Some(kind) = reason.timeout_kind() {
+        // A body timeout is counted where it fires, in the request pipeline: on HTTP/2 it ends
+        // one stream, not the connection, so counting it at close would miss those.
+        if let Some(kind) = reason.timeout_kind().filter(|_| reason != CloseReason::BodyTimeout) {
             self.timeout(listener, kind);
         }
     }

@@ -7,3 +7,4 @@ mod check;
 mod cli;
 mod connections;
 mod protocols;
+mod timeouts;

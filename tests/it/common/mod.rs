@@ -155,6 +155,44 @@ impl TestServer {
         }
     }
 
+    /// Like `start`, with `svc` answering every request instead of the configured routes (tests
+    /// of what a handler observes, e.g. a request body that stalls while it reads it).
+    pub async fn start_service<S, B>(toml: &str, svc: S) -> TestServer
+    where
+        S: gatehouse::HttpService<B>,
+        B: gatehouse::ServiceBody,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let text = toml.replace("{dir}", dir.path().to_str().unwrap());
+        let mut config = load_str(&text).unwrap_or_else(|e| panic!("test config does not parse: {e}\n{text}"));
+        let access_log = dir.path().join("access.log");
+        if config.log.access_log == "stdout" {
+            config.log.access_log = access_log.to_string_lossy().into_owned();
+        }
+        config.server.state_dir = dir.path().join("state");
+        config.admin.address = String::new();
+        let server = Server::bind(config)
+            .unwrap_or_else(|e| panic!("server did not start: {e}"))
+            .without_signal_handling();
+        let addrs = server
+            .config()
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), server.local_addr(&l.name).unwrap()))
+            .collect();
+        let handle = server.handle();
+        let task = tokio::spawn(async move {
+            server.serve(svc).await.unwrap();
+        });
+        TestServer {
+            handle,
+            addrs,
+            access_log,
+            dir,
+            task,
+        }
+    }
+
     pub fn addr(&self, listener: &str) -> SocketAddr {
         self.addrs[listener]
     }
