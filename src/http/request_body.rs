@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 pub struct BodyState {
     bytes: AtomicU64,
     limit_exceeded: AtomicBool,
+    malformed: AtomicBool,
 }
 
 impl BodyState {
@@ -23,6 +24,21 @@ impl BodyState {
     pub fn limit_exceeded(&self) -> bool {
         self.limit_exceeded.load(Relaxed)
     }
+    /// The client's body framing was broken (HTTP/1.1 chunked syntax); the pipeline answers 400.
+    pub fn malformed(&self) -> bool {
+        self.malformed.load(Relaxed)
+    }
+}
+
+/// hyper reports a broken chunked body (bad size line, bad trailer, trailers over the header
+/// limit) as a body error over an `io::Error` of kind `InvalidData`/`InvalidInput`; a peer that
+/// went away is `UnexpectedEof` or a connection error instead.
+fn is_malformed(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{InvalidData, InvalidInput};
+    e.is_parse()
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| matches!(io.kind(), InvalidData | InvalidInput))
 }
 
 /// The body was larger than `limits.max_body_bytes`; the pipeline answers 413.
@@ -82,7 +98,12 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                if is_malformed(&e) {
+                    this.state.malformed.store(true, Relaxed);
+                }
+                Poll::Ready(Some(Err(e.into())))
+            }
             other => other.map(|o| o.map(|r| r.map_err(Into::into))),
         }
     }
