@@ -43,6 +43,8 @@ pub const DEFAULT_MAX_REQUESTS_PER_CONNECTION: u32 = 1000;
 pub const DEFAULT_MAX_HEADER_BYTES: Size = Size::kib(16);
 /// Large enough for form posts and API payloads; uploads raise it per deployment.
 pub const DEFAULT_MAX_BODY_BYTES: Size = Size::mib(10);
+/// nginx's default request-line buffer; longer targets are almost always abuse or a client bug.
+pub const DEFAULT_MAX_URI_BYTES: Size = Size::kib(8);
 
 /// RFC 9113 recommends at least 100; 128 matches common browsers' expectations.
 pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 128;
@@ -244,6 +246,7 @@ pub struct Limits {
     pub max_requests_per_connection: u32,
     pub max_header_bytes: Size,
     pub max_body_bytes: Size,
+    pub max_uri_bytes: Size,
 }
 
 impl Default for Limits {
@@ -254,6 +257,7 @@ impl Default for Limits {
             max_requests_per_connection: DEFAULT_MAX_REQUESTS_PER_CONNECTION,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_uri_bytes: DEFAULT_MAX_URI_BYTES,
         }
     }
 }

@@ -8,6 +8,9 @@ use super::{Config, OnNoAlpn, Protocol};
 use std::collections::HashSet;
 use std::fmt;
 
+/// The longest request-target hyper's HTTP/1.1 parser and `http::Uri` accept (`u16::MAX - 1`).
+const MAX_URI_BYTES_CEILING: u64 = u16::MAX as u64 - 1;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
     Warning,
@@ -248,6 +251,7 @@ impl Config {
             ("max_connections_per_ip", u64::from(l.max_connections_per_ip)),
             ("max_requests_per_connection", u64::from(l.max_requests_per_connection)),
             ("max_header_bytes", l.max_header_bytes.get()),
+            ("max_uri_bytes", l.max_uri_bytes.get()),
         ] {
             if v == 0 {
                 f.error(
@@ -262,6 +266,26 @@ impl Config {
                 "limits.max_header_bytes",
                 format!("{} cannot hold an ordinary browser request", l.max_header_bytes),
                 "set at least \"1KiB\" (default \"16KiB\")",
+            );
+        }
+        // hyper and the `http` crate cannot represent a longer request-target at all.
+        if l.max_uri_bytes.get() > MAX_URI_BYTES_CEILING {
+            f.error(
+                "limits.max_uri_bytes",
+                format!(
+                    "{} exceeds {MAX_URI_BYTES_CEILING} bytes, the longest URI the HTTP parser accepts",
+                    l.max_uri_bytes
+                ),
+                "set at most \"63KiB\" (default \"8KiB\")",
+            );
+        } else if l.max_uri_bytes.get() > l.max_header_bytes.get() {
+            f.warning(
+                "limits.max_uri_bytes",
+                format!(
+                    "{} is larger than limits.max_header_bytes ({}), which also bounds the request line",
+                    l.max_uri_bytes, l.max_header_bytes
+                ),
+                "a longer URI is answered 431 rather than 414; raise max_header_bytes or lower max_uri_bytes",
             );
         }
         let h = &self.http2;
@@ -562,6 +586,22 @@ path = "x"
         ] {
             assert!(keys.contains(&k), "missing {k} in {keys:?}");
         }
+    }
+
+    #[test]
+    fn max_uri_bytes_is_bounded() {
+        let severity = |v: &str| {
+            let c = load_str(&format!("[limits]\nmax_uri_bytes = \"{v}\"\n")).unwrap();
+            c.validate()
+                .iter()
+                .find(|x| x.key == "limits.max_uri_bytes")
+                .map(|x| x.severity)
+        };
+        assert_eq!(severity("8KiB"), None);
+        assert_eq!(severity("0B"), Some(super::Severity::Error));
+        assert_eq!(severity("64KiB"), Some(super::Severity::Error));
+        // Larger than max_header_bytes (16KiB): allowed, but it cannot take effect.
+        assert_eq!(severity("32KiB"), Some(super::Severity::Warning));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod context;
 pub mod h2c;
 mod io;
+mod parse_error;
 mod registry;
 mod serve;
 mod state;

@@ -234,13 +234,18 @@ async fn sniff_preface(mut tcp: TcpStream, timeout: std::time::Duration) -> Snif
 
 fn h1_builder(conn: &ConnShared) -> http1::Builder {
     let settings = conn.listener.settings.load();
+    // `max_header_size` is the exact limit (431 beyond it, request line included). The buffer
+    // must not be the smaller bound, or hyper would refuse a head below the limit; hyper's
+    // minimum buffer is 8KiB.
+    let max_header = settings.limits.max_header_bytes.as_usize();
     let mut b = http1::Builder::new();
     // gatehouse's watchdog bounds header reads per request; hyper's timer would also act as the
     // idle timeout (it starts when hyper waits for the next request), so it is off here.
     b.header_read_timeout(None)
         .keep_alive(true)
         .half_close(false)
-        .max_buf_size(settings.limits.max_header_bytes.as_usize().max(8192));
+        .max_header_size(max_header)
+        .max_buf_size(max_header.saturating_add(1).max(8192));
     b
 }
 
@@ -444,12 +449,13 @@ fn classify(res: hyper::Result<()>, initiated: Option<CloseReason>, conn: &ConnS
             }
         }
         Err(e) => {
+            let refused = super::parse_error::report(&e, info, &conn.listener);
             if let Some(r) = initiated {
                 if r != CloseReason::Shutdown && r != CloseReason::MaxRequests {
                     return r;
                 }
             }
-            classify_error(&e)
+            refused.unwrap_or_else(|| classify_error(&e))
         }
     }
 }

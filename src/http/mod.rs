@@ -1,9 +1,11 @@
 //! HTTP request handling shared by every listener: the pipeline, body types and request context.
 
 pub mod body;
+mod head;
 mod pipeline;
 mod request_body;
 
+pub use head::{check_head, Refusal};
 pub use pipeline::{strip_port, Instrumented, Pipeline, RequestContext};
 pub use request_body::{BodyFault, BodyLimitExceeded, BodyReadTimeout, BodyState, RequestBody};
 

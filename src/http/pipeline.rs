@@ -1,6 +1,7 @@
 //! The request pipeline: what wraps every request on every connection, before any handler.
 //!
-//! It numbers the request, applies the per-connection request limit and the body limit, turns
+//! It refuses unsound request heads (see `head`), numbers the request, applies the
+//! per-connection request limit and the body limit, turns
 //! handler panics and errors into a 500 for that request alone, bounds the whole handling with the
 //! `request` timeout (504), answers for a request body that failed (413, 408, 400), intercepts
 //! `Upgrade: h2c`, and records the request when its response body ends: metrics, access log,
@@ -8,6 +9,7 @@
 //! peer's flow-control window, which is how the `write` timeout sees a zero-window stall.
 
 use super::body::BoxError;
+use super::head::check_head;
 use super::request_body::{BodyFault, BodyState, RequestBody};
 use super::{HttpService, ServiceBody};
 use crate::conn::{h2c, CloseReason, ConnInfo, ConnShared, PendingH2c, Protocol};
@@ -79,7 +81,10 @@ where
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let conn = &self.conn;
         let protocol = conn.info.protocol();
-        if protocol == Protocol::Http11 && h2c::requested(req.headers()) {
+        let settings = conn.listener.settings.load();
+        // First, so that nothing (not even an h2c upgrade) acts on a head that is not sound.
+        let refusal = check_head(&req, protocol, &settings.limits).err();
+        if refusal.is_none() && protocol == Protocol::Http11 && h2c::requested(req.headers()) {
             if let Some(switching) = self.h2c_upgrade(&mut req) {
                 return Box::pin(std::future::ready(Ok(switching)));
             }
@@ -87,7 +92,6 @@ where
 
         let started = Instant::now();
         let seq = conn.info.request_started();
-        let settings = conn.listener.settings.load();
         let max_body = settings.limits.max_body_bytes.get();
         let request_timeout = settings.timeouts.request.get();
         let body_read_timeout = settings.timeouts.body_read.get();
@@ -100,6 +104,25 @@ where
         let (mut parts, incoming) = req.into_parts();
         let body_state = Arc::new(BodyState::default());
         let record = Record::new(conn.clone(), &parts, seq, started, body_state.clone());
+        if let Some(refusal) = refusal {
+            tracing::debug!(
+                conn_id = conn.info.id,
+                req_id = %record.req_id(),
+                listener = %conn.listener.name.0,
+                remote = %conn.info.peer,
+                error = refusal.label(),
+                "request refused before any handler"
+            );
+            // An unread body would be drained by hyper only as far as it is already buffered, and
+            // then the connection closed anyway; say so up front rather than leave it to chance.
+            let close = close_after || refusal.close() || !incoming.is_end_stream();
+            let resp = gatehouse_response(refusal.status(), refusal.message());
+            return Box::pin(std::future::ready(Ok(record.attach(
+                resp,
+                close,
+                Some(refusal.label()),
+            ))));
+        }
         let declared_too_large = parts
             .headers
             .get(header::CONTENT_LENGTH)

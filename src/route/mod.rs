@@ -177,7 +177,22 @@ fn request_host(req: &Request<RequestBody>) -> &str {
     crate::http::strip_port(raw)
 }
 
-async fn route(table: &RouteTable, req: Request<RequestBody>) -> Response<ResponseBody> {
+/// Reads and drops the request body before a built-in handler answers, as nginx does. An unread
+/// HTTP/1.1 body leaves the connection unusable for the next request (hyper closes it), and a body
+/// that breaks its framing or the size limit must surface: the pipeline turns those into 400/413
+/// with `Connection: close` from the body's state, whatever this returns.
+async fn discard_body(body: &mut RequestBody) -> Result<(), crate::http::body::BoxError> {
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        frame?;
+    }
+    Ok(())
+}
+
+async fn route(table: &RouteTable, mut req: Request<RequestBody>) -> Response<ResponseBody> {
+    if discard_body(req.body_mut()).await.is_err() {
+        return handlers::text(StatusCode::BAD_REQUEST, "request body could not be read\n");
+    }
     let host = request_host(&req);
     let path = req.uri().path();
     let Some((route, rest)) = table.routes.iter().find_map(|r| {

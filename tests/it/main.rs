@@ -6,5 +6,6 @@ mod axum_example;
 mod check;
 mod cli;
 mod connections;
+mod malformed;
 mod protocols;
 mod timeouts;
