@@ -571,6 +571,9 @@ async fn random_bytes_never_crash_the_server() {
             t.await.unwrap();
         }
     }
+    // Every input reached the server (a connection that was never accepted proves nothing).
+    let accepted = srv.metric(r#"gatehouse_connections_accepted_total{listener="plain"}"#);
+    assert!(accepted >= inputs.len() as f64, "only {accepted} connections accepted");
     // Still serving, over HTTP/1.1 and h2c.
     let text = common::raw_exchange(addr, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
