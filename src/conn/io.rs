@@ -49,9 +49,7 @@ impl<T: AsyncWrite> AsyncWrite for MeteredIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.project();
         let res = this.inner.poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = res {
-            this.info.add_bytes_out(n);
-        }
+        note_write(this.info, &res);
         res
     }
     fn poll_write_vectored(
@@ -61,18 +59,31 @@ impl<T: AsyncWrite> AsyncWrite for MeteredIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let res = this.inner.poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = res {
-            this.info.add_bytes_out(n);
-        }
+        note_write(this.info, &res);
         res
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        let res = this.inner.poll_flush(cx);
+        this.info.set_write_blocked(res.is_pending());
+        res
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// Counts written bytes and whether the peer is holding writes back (drain waits for those).
+fn note_write(info: &ConnInfo, res: &Poll<io::Result<usize>>) {
+    match res {
+        Poll::Ready(Ok(n)) => {
+            info.add_bytes_out(*n);
+            info.set_write_blocked(false);
+        }
+        Poll::Pending => info.set_write_blocked(true),
+        Poll::Ready(Err(_)) => info.set_write_blocked(false),
     }
 }

@@ -7,7 +7,7 @@
 use super::{ConnState, Protocol};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
@@ -32,6 +32,9 @@ pub struct ConnInfo {
     /// Nanoseconds after `opened` (+1, so 0 means none) when the first byte of a request head
     /// arrived on an idle HTTP/1.1 connection; cleared when the head is complete.
     head_started: AtomicU64,
+    /// The transport's last write did not complete: the peer is not taking response bytes, so
+    /// some are still buffered above the socket.
+    write_blocked: AtomicBool,
 }
 
 /// What the TLS handshake settled on.
@@ -61,6 +64,7 @@ impl ConnInfo {
             bytes_out: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
+            write_blocked: AtomicBool::new(false),
         }
     }
 
@@ -142,6 +146,12 @@ impl ConnInfo {
     }
     pub fn bytes_in(&self) -> u64 {
         self.bytes_in.load(Relaxed)
+    }
+    pub fn set_write_blocked(&self, blocked: bool) {
+        self.write_blocked.store(blocked, Relaxed);
+    }
+    pub fn write_blocked(&self) -> bool {
+        self.write_blocked.load(Relaxed)
     }
     pub fn bytes_out(&self) -> u64 {
         self.bytes_out.load(Relaxed)

@@ -338,6 +338,8 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
         Verdict::Expired(_) => tokio::time::Instant::now(),
     });
     tokio::pin!(sleep);
+    // Bytes moved in either direction when the graceful close was last checked (drain only).
+    let mut progress = 0u64;
     loop {
         tokio::select! {
             res = hconn.as_mut() => return classify(res, initiated, info, listener),
@@ -346,8 +348,11 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
                 info.set_state(ConnState::Closing);
                 if !http1 {
                     listener.metrics.goaway(&listener.name, "shutdown");
-                    sleep.as_mut().reset(tokio::time::Instant::now() + GOAWAY_GRACE);
                 }
+                // HTTP/1.1: hyper closes an idle connection at once and a busy one after its
+                // response; this timer only catches one stuck in a request head that stopped.
+                progress = info.bytes_in() + info.bytes_out();
+                sleep.as_mut().reset(tokio::time::Instant::now() + GOAWAY_GRACE);
                 hconn.as_mut().graceful();
             }
             _ = conn.close_requested.notified(), if initiated.is_none() && !http1 => {
@@ -360,8 +365,14 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
             _ = listener.shutdown.forced() => return CloseReason::DrainForced,
             _ = &mut sleep => {
                 if let Some(reason) = initiated {
-                    if info.in_flight() > 0 {
-                        // Streams are still being answered; the drain deadline bounds this wait.
+                    // A response whose body has ended is not delivered yet: its tail can sit in
+                    // hyper's or h2's buffers behind a slow reader (`write_blocked`) or still be
+                    // moving. Closing then would cut a download that was about to complete.
+                    let moved = info.bytes_in() + info.bytes_out();
+                    let draining_with_progress = reason == CloseReason::Shutdown && moved != progress;
+                    if info.in_flight() > 0 || info.write_blocked() || draining_with_progress {
+                        // The drain deadline (or the write timeout) bounds this wait.
+                        progress = moved;
                         sleep.as_mut().reset(tokio::time::Instant::now() + GOAWAY_GRACE);
                         continue;
                     }

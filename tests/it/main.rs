@@ -5,4 +5,7 @@ mod common;
 mod axum_example;
 mod cli;
 mod connections;
+mod dist;
+mod drain;
 mod protocols;
+mod systemd;
