@@ -13,7 +13,7 @@ fn dist(file: &str) -> String {
 fn unit_value<'a>(unit: &'a str, key: &str) -> Option<&'a str> {
     unit.lines()
         .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
-        .last()
+        .next_back()
         .map(str::trim)
 }
 
