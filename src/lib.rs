@@ -2,7 +2,9 @@
 //!
 //! The binary is configured by a TOML file; the library runs any tower service behind the same
 //! listeners, TLS, timeouts, limits and graceful drain. See [`Server`].
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: socket activation (listen::inherit) must own inherited descriptors, and
+// that module alone is allowed `unsafe`, each use with a SAFETY comment.
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod app;

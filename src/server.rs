@@ -167,9 +167,17 @@ impl Server {
             limits: c.limits.clone(),
             http2: c.http2.clone(),
         });
+        let mut inherit_findings = Findings::default();
+        let mut inherited = listen::inherit::adopt(&c.listeners, &mut inherit_findings);
+        if inherit_findings.has_errors() {
+            return Err(StartError::Invalid(inherit_findings));
+        }
         let mut listeners = Vec::new();
         for (i, l) in c.listeners.iter().enumerate() {
-            let socket = listen::bind(&l.name, l.address)?;
+            let socket = match inherited.get_mut(i).and_then(Option::take) {
+                Some(socket) => socket,
+                None => listen::bind(&l.name, l.address)?,
+            };
             let tls = tls_servers.get_mut(i).and_then(Option::take);
             let shared = Arc::new(ListenerShared {
                 name: Name(Arc::from(l.name.as_str())),
@@ -362,10 +370,28 @@ impl Server {
                 });
             }
         }
+        let listener_count = self.listeners.len();
         drop(self.listeners);
         let handle = self.handle.clone();
         handle.set_ready(true);
         let shutdown = handle.trigger().subscribe();
+        // Every listener is bound and has an accept loop: tell systemd (Type=notify) we are up.
+        let notify = crate::lifecycle::systemd::notifier();
+        notify.ready(&serving_status(listener_count, &handle.registry));
+        if notify.is_enabled() {
+            let registry = handle.registry.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::lifecycle::systemd::STATUS_INTERVAL);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => notify.status(&serving_status(listener_count, &registry)),
+                        _ = shutdown.draining() => break,
+                    }
+                }
+            });
+        }
         let drain_timeout = self.prepared.config.shutdown.drain_timeout.get();
         let drain_delay = self.prepared.config.shutdown.drain_delay.get();
         if self.signals {
@@ -373,8 +399,24 @@ impl Server {
         } else {
             shutdown.draining().await;
         }
+        // Listen for the second signal from this instant, before anything is logged or awaited:
+        // one sent during drain_delay or right after the drain is announced must not be missed.
+        let stop = if self.signals { stop_signals() } else { None };
+        let forced = shutdown.clone();
+        let mut second_signal = Box::pin(async move {
+            match stop {
+                Some((mut term, mut int)) => tokio::select! {
+                    _ = term.recv() => tracing::warn!(signal = "SIGTERM", "second signal: closing every connection now"),
+                    _ = int.recv() => tracing::warn!(signal = "SIGINT", "second signal: closing every connection now"),
+                    _ = forced.forced() => {}
+                },
+                None => forced.forced().await,
+            }
+        });
+        let mut second_seen = false;
         // Readiness flips first so load balancers stop sending, then serving continues for the delay.
         handle.set_ready(false);
+        notify.stopping(&format!("draining {} connection(s)", handle.registry.len()));
         if !drain_delay.is_zero() && handle.phase() == Phase::Running {
             tracing::info!(
                 delay_ms = drain_delay.as_millis() as u64,
@@ -382,20 +424,27 @@ impl Server {
             );
             tokio::select! {
                 _ = tokio::time::sleep(drain_delay) => {}
-                _ = shutdown.forced() => {}
+                _ = second_signal.as_mut() => second_seen = true,
             }
         }
-        let second_signal = async {
-            if self.signals {
-                wait_for_signal().await;
-            } else {
-                shutdown.forced().await;
+        let second_signal = async move {
+            if !second_seen {
+                second_signal.await;
             }
         };
         // Connections cut at the deadline are counted by their own tasks as `drain_forced`.
-        crate::lifecycle::drain(handle.trigger(), &handle.registry, drain_timeout, second_signal).await;
+        let report = crate::lifecycle::drain(handle.trigger(), &handle.registry, drain_timeout, second_signal).await;
+        notify.status(&format!(
+            "drained: {} connection(s) at start, {} closed by the deadline",
+            report.open_at_start, report.forced
+        ));
         Ok(())
     }
+}
+
+/// The systemd status line while serving.
+fn serving_status(listeners: usize, registry: &Registry) -> String {
+    format!("serving {listeners} listener(s); {} connection(s)", registry.len())
 }
 
 async fn wait_for_signal() {
@@ -416,6 +465,16 @@ async fn wait_for_signal() {
             _ = hup.recv() => tracing::warn!(signal = "SIGHUP", "reload is not available in this build; configuration unchanged, still serving"),
             _ = usr2.recv() => tracing::warn!(signal = "SIGUSR2", "binary upgrade is not available in this build; still serving"),
         }
+    }
+}
+
+/// SIGTERM and SIGINT streams, registered now (a later registration would miss a signal sent
+/// in between). `None` if they cannot be registered: then only the handle can force the close.
+fn stop_signals() -> Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        _ => None,
     }
 }
 

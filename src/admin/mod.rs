@@ -69,7 +69,10 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if let Some(token) = &admin.token {
+    // Probes (kubelet, load balancers) cannot present a secret, and these two answers reveal only
+    // "up" and "ready": they stay open so a token-protected admin API can still be probed.
+    let probe = req.method() == Method::GET && matches!(req.uri().path(), "/healthz" | "/readyz");
+    if let Some(token) = admin.token.as_ref().filter(|_| !probe) {
         let ok = req
             .headers()
             .get(header::AUTHORIZATION)

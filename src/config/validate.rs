@@ -465,7 +465,8 @@ impl Config {
                             "set token_file to a file holding a bearer token, or bind admin.address to 127.0.0.1",
                         );
                     }
-                    if self.listeners.iter().any(|l| l.address == addr) {
+                    // Port 0 asks for an ephemeral port: two of those never clash.
+                    if addr.port() != 0 && self.listeners.iter().any(|l| l.address == addr) {
                         f.error(
                             "admin.address",
                             format!("{addr} is also a listener's address"),

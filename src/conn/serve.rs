@@ -346,6 +346,8 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
         Verdict::Expired(_) => tokio::time::Instant::now(),
     });
     tokio::pin!(sleep);
+    // Bytes moved in either direction when the graceful close was last checked (drain only).
+    let mut progress = 0u64;
     loop {
         tokio::select! {
             res = hconn.as_mut() => return classify(res, initiated, conn),
@@ -354,10 +356,13 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
                 info.set_state(ConnState::Closing);
                 if !http1 {
                     listener.metrics.goaway(&listener.name, "shutdown");
-                    grace_until = tokio::time::Instant::now() + GOAWAY_GRACE;
-                    let at = grace_until.min(sleep.deadline());
-                    sleep.as_mut().reset(at);
                 }
+                // HTTP/1.1: hyper closes an idle connection at once and a busy one after its
+                // response; this timer only catches one stuck in a request head that stopped.
+                progress = info.bytes_in() + info.bytes_out();
+                grace_until = tokio::time::Instant::now() + GOAWAY_GRACE;
+                let at = grace_until.min(sleep.deadline());
+                sleep.as_mut().reset(at);
                 hconn.as_mut().graceful();
             }
             _ = conn.close_requested.notified(), if initiated.is_none() && !http1 => {
@@ -394,11 +399,17 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
                 };
                 if let Some(reason) = initiated {
                     if now >= grace_until {
-                        if info.in_flight() == 0 {
+                        // A response whose body has ended is not delivered yet: its tail can sit
+                        // in hyper's or h2's buffers behind a slow reader (write blocked) or still
+                        // be moving. Closing then would cut a download that was about to complete.
+                        let moved = info.bytes_in() + info.bytes_out();
+                        let draining_with_progress = reason == CloseReason::Shutdown && moved != progress;
+                        progress = moved;
+                        if info.in_flight() == 0 && info.write_blocked_since().is_none() && !draining_with_progress {
                             // The graceful close we started did not finish: the peer is not answering.
                             return reason;
                         }
-                        // Streams are still being answered; the drain deadline bounds this wait.
+                        // The drain deadline (or the write timeout) bounds this wait.
                         grace_until = now + GOAWAY_GRACE;
                     }
                     sleep.as_mut().reset(grace_until.min(recheck.max(now + MIN_RECHECK)));

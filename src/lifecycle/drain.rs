@@ -43,6 +43,7 @@ pub async fn drain(
     if forced > 0 {
         tracing::warn!(
             connections = forced,
+            reason = "drain_forced",
             "drain deadline reached; closing the remaining connections"
         );
     }

@@ -1,7 +1,8 @@
-//! Process lifecycle: shutdown phases, draining, and signals.
+//! Process lifecycle: shutdown phases, draining, signals, and systemd notifications.
 
 mod drain;
 mod shutdown;
+pub mod systemd;
 
 pub use drain::{drain, DrainReport};
 pub use shutdown::{Phase, Shutdown, ShutdownTrigger};

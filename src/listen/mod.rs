@@ -1,5 +1,7 @@
-//! Listening sockets: binding, the accept loop, and connection limits.
+//! Listening sockets: binding, socket activation, the accept loop, and connection limits.
 
+#[allow(unsafe_code)]
+pub mod inherit;
 mod limits;
 
 pub use limits::{Admission, ConnLimits};
