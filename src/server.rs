@@ -16,12 +16,13 @@
 //! # }
 //! ```
 
-use crate::config::{Config, Findings, Severity};
+use crate::config::{Config, ConfigSource, Findings, Severity};
 use crate::conn::{ConnSettings, ListenerShared, ProtocolPolicy, Registry};
 use crate::http::{HttpService, ServiceBody};
-use crate::lifecycle::{Phase, ShutdownTrigger};
+use crate::lifecycle::{Live, Phase, ReloadError, ReloadHook, ReloadReport, ShutdownTrigger, Signals};
 use crate::listen::{self, BindError, ConnLimits};
-use crate::observe::{AccessLog, Metrics, Name, PeerFilter, Switch, SwitchSet, Switches};
+use crate::observe::{AccessLog, Metrics, Name, Switches};
+use crate::route::Router;
 use crate::tls::TlsServer;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -94,6 +95,7 @@ pub struct ServerHandle {
     pub metrics: Metrics,
     pub registry: Arc<Registry>,
     pub switches: Switches,
+    live: Arc<Live>,
 }
 
 impl ServerHandle {
@@ -119,6 +121,38 @@ impl ServerHandle {
     pub(crate) fn trigger(&self) -> &ShutdownTrigger {
         &self.trigger
     }
+
+    /// The configuration in force: the one the server started with, or the last reloaded.
+    pub fn config(&self) -> Arc<Config> {
+        self.live.config()
+    }
+
+    /// Validates `config` in full (as `gatehouse check` does, certificates and keys included) and,
+    /// only if nothing is wrong, puts it in force for new connections, handshakes and requests.
+    /// Open connections are not dropped. On refusal nothing has changed.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f(handle: gatehouse::ServerHandle, text: &str) -> Result<(), Box<dyn std::error::Error>> {
+    /// let report = handle.reload(gatehouse::Config::from_toml(text)?).await?;
+    /// println!("changed: {}", report.changed.join(", "));
+    /// # Ok(()) }
+    /// ```
+    pub async fn reload(&self, config: Config) -> Result<ReloadReport, ReloadError> {
+        self.live.reload(Some(config)).await
+    }
+
+    /// Re-reads the configuration the server started from (as SIGHUP does) and reloads it.
+    /// Refused when the configuration was given in code (see [`Server::with_config_source`]).
+    pub async fn reload_from_source(&self) -> Result<ReloadReport, ReloadError> {
+        self.live.reload(None).await
+    }
+
+    /// Calls `hook` when each reload starts and when it finishes, whatever triggered it.
+    pub fn on_reload(&self, hook: ReloadHook) {
+        self.live.add_hook(hook);
+    }
 }
 
 /// A server with its listeners bound, ready to serve.
@@ -143,15 +177,7 @@ impl Server {
         let metrics = Metrics::new(registry.clone());
         let (trigger, shutdown) = ShutdownTrigger::new();
         let c = &prepared.config;
-        let switches = Switches::new(SwitchSet::new(
-            &c.debug
-                .switches
-                .iter()
-                .filter_map(|s| Switch::parse(s))
-                .collect::<Vec<_>>(),
-            c.debug.listener.clone(),
-            c.debug.peer.as_deref().and_then(|p| PeerFilter::parse(p).ok()),
-        ));
+        let switches = Switches::new(crate::lifecycle::reload::switch_set(c));
         let access_log = AccessLog::open(&c.log, metrics.access_log_dropped.clone()).map_err(|e| {
             let mut f = Findings::default();
             f.error(
@@ -173,7 +199,7 @@ impl Server {
             let tls = tls_servers.get_mut(i).and_then(Option::take);
             let shared = Arc::new(ListenerShared {
                 name: Name(Arc::from(l.name.as_str())),
-                policy: ProtocolPolicy::from_config(l),
+                policy: ArcSwap::from_pointee(ProtocolPolicy::from_config(l)),
                 tls: tls.map(ArcSwap::from_pointee),
                 settings: ArcSwap::new(settings.clone()),
                 metrics: metrics.clone(),
@@ -185,12 +211,21 @@ impl Server {
             listeners.push((shared, socket));
         }
         let limits = ConnLimits::new(c.limits.max_connections, c.limits.max_connections_per_ip);
+        let live = Arc::new(Live::new(
+            c.clone(),
+            listeners.iter().map(|(shared, _)| shared.clone()).collect(),
+            limits.clone(),
+            switches.clone(),
+            metrics.clone(),
+            shutdown,
+        ));
         let handle = ServerHandle {
             trigger,
             ready: Arc::new(AtomicBool::new(false)),
             metrics,
             registry,
             switches,
+            live,
         };
         Ok(Server {
             prepared,
@@ -222,7 +257,22 @@ impl Server {
         &self.prepared.findings
     }
 
-    /// Do not install SIGTERM/SIGINT handlers; shut down through [`ServerHandle::shutdown`] only.
+    /// Where the configuration came from, so that SIGHUP and [`ServerHandle::reload_from_source`]
+    /// can read it again. Without it, only [`ServerHandle::reload`] with a new `Config` reloads.
+    pub fn with_config_source(self, source: ConfigSource) -> Self {
+        self.handle.live.set_source(source);
+        self
+    }
+
+    /// Declares that `router` serves this configuration's `[[routes]]`, so reloads rebuild its
+    /// table. Without it a reload leaves the served service alone: a library user's own tower
+    /// service keeps running unchanged across reloads, which still apply to everything else.
+    pub fn with_config_routes(self, router: &Router) -> Self {
+        self.handle.live.set_router(router.clone());
+        self
+    }
+
+    /// Do not install SIGTERM/SIGINT/SIGHUP handlers; shut down through [`ServerHandle::shutdown`] only.
     pub fn without_signal_handling(mut self) -> Self {
         self.signals = false;
         self
@@ -364,15 +414,37 @@ impl Server {
         }
         drop(self.listeners);
         let handle = self.handle.clone();
+        let mut signals = if self.signals {
+            match Signals::install() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install signal handlers; stop the server through the admin API or the library handle");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let reload = || {
+            let handle = handle.clone();
+            // Its own task, so a stop signal is not held up while certificates load.
+            tokio::spawn(async move {
+                // The outcome is logged and counted by the reload itself.
+                let _ = handle.reload_from_source().await;
+            });
+        };
         handle.set_ready(true);
         let shutdown = handle.trigger().subscribe();
-        let drain_timeout = self.prepared.config.shutdown.drain_timeout.get();
-        let drain_delay = self.prepared.config.shutdown.drain_delay.get();
-        if self.signals {
-            wait_for_signal_or(&shutdown).await;
-        } else {
-            shutdown.draining().await;
+        match &mut signals {
+            Some(s) => tokio::select! {
+                _ = s.stop_requested(&reload) => {}
+                _ = shutdown.draining() => {}
+            },
+            None => shutdown.draining().await,
         }
+        // Read now rather than at start: [shutdown] is reloadable.
+        let drain = handle.config().shutdown.clone();
+        let (drain_timeout, drain_delay) = (drain.drain_timeout.get(), drain.drain_delay.get());
         // Readiness flips first so load balancers stop sending, then serving continues for the delay.
         handle.set_ready(false);
         if !drain_delay.is_zero() && handle.phase() == Phase::Running {
@@ -386,42 +458,13 @@ impl Server {
             }
         }
         let second_signal = async {
-            if self.signals {
-                wait_for_signal().await;
-            } else {
-                shutdown.forced().await;
+            match &mut signals {
+                Some(s) => s.stop_requested(&reload).await,
+                None => shutdown.forced().await,
             }
         };
         // Connections cut at the deadline are counted by their own tasks as `drain_forced`.
         crate::lifecycle::drain(handle.trigger(), &handle.registry, drain_timeout, second_signal).await;
         Ok(())
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr2)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined2()),
-    ) else {
-        return std::future::pending::<()>().await;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return tracing::info!(signal = "SIGTERM", "shutdown requested"),
-            _ = int.recv() => return tracing::info!(signal = "SIGINT", "shutdown requested"),
-            // Their default action would kill the process; until reload and upgrade exist, say so and keep serving.
-            _ = hup.recv() => tracing::warn!(signal = "SIGHUP", "reload is not available in this build; configuration unchanged, still serving"),
-            _ = usr2.recv() => tracing::warn!(signal = "SIGUSR2", "binary upgrade is not available in this build; still serving"),
-        }
-    }
-}
-
-async fn wait_for_signal_or(shutdown: &crate::lifecycle::Shutdown) {
-    tokio::select! {
-        _ = wait_for_signal() => {}
-        _ = shutdown.draining() => {}
     }
 }
