@@ -168,7 +168,9 @@ pub fn reload(admin: Option<&str>, path: Option<&Path>, token_file: Option<&Path
             "the admin API is turned off ([admin] address = \"\"); send SIGHUP to the server instead".into(),
         ));
     }
-    let token_file = token_file.map(Path::to_path_buf).or_else(|| config.and_then(|c| c.admin.token_file));
+    let token_file = token_file
+        .map(Path::to_path_buf)
+        .or_else(|| config.and_then(|c| c.admin.token_file));
     let token = match token_file {
         Some(p) => Some(
             std::fs::read_to_string(&p)
@@ -266,5 +268,48 @@ fn reload_outcome(address: &str, status: http::StatusCode, body: &[u8]) -> Resul
                 String::from_utf8_lossy(body).trim()
             ),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    #[test]
+    fn reload_answers_map_to_output_and_exit_codes() {
+        let ok = br#"{"result":"ok","changed":["routes","timeouts"],"warnings":[{"key":"server.workers","message":"changed","fix":"restart"}]}"#;
+        let out = reload_outcome("a", StatusCode::OK, ok).unwrap();
+        assert_eq!(
+            out,
+            "warning: server.workers: changed; restart\nreload ok: changed routes, timeouts\n"
+        );
+        let same = br#"{"result":"ok","changed":[],"warnings":[]}"#;
+        assert_eq!(
+            reload_outcome("a", StatusCode::OK, same).unwrap(),
+            "reload ok: nothing changed\n"
+        );
+        let refused =
+            br#"{"result":"refused","findings":[{"key":"timeouts.idle","message":"must not be 0s","fix":""}]}"#;
+        let e = reload_outcome("a", StatusCode::UNPROCESSABLE_ENTITY, refused).unwrap_err();
+        assert_eq!(e.code, 78);
+        assert!(
+            e.message.contains("error: timeouts.idle: must not be 0s\n"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            reload_outcome("a", StatusCode::SERVICE_UNAVAILABLE, b"{}")
+                .unwrap_err()
+                .code,
+            69
+        );
+        assert_eq!(reload_outcome("a", StatusCode::UNAUTHORIZED, b"").unwrap_err().code, 1);
+        assert_eq!(
+            reload_outcome("a", StatusCode::NOT_FOUND, b"not found")
+                .unwrap_err()
+                .code,
+            1
+        );
     }
 }

@@ -140,13 +140,22 @@ impl ServerHandle {
     /// # Ok(()) }
     /// ```
     pub async fn reload(&self, config: Config) -> Result<ReloadReport, ReloadError> {
-        self.live.reload(Some(config)).await
+        self.run_reload(Some(config)).await
     }
 
     /// Re-reads the configuration the server started from (as SIGHUP does) and reloads it.
     /// Refused when the configuration was given in code (see [`Server::with_config_source`]).
     pub async fn reload_from_source(&self) -> Result<ReloadReport, ReloadError> {
-        self.live.reload(None).await
+        self.run_reload(None).await
+    }
+
+    /// Runs the reload on its own task: a caller that goes away mid-way (an admin client that
+    /// hangs up) must not cut a reload short after its hooks were told it started.
+    async fn run_reload(&self, next: Option<Config>) -> Result<ReloadReport, ReloadError> {
+        let live = self.live.clone();
+        tokio::spawn(async move { live.reload(next).await })
+            .await
+            .unwrap_or_else(|e| Err(ReloadError::Unavailable(format!("the reload task failed: {e}"))))
     }
 
     /// Calls `hook` when each reload starts and when it finishes, whatever triggered it.

@@ -31,16 +31,11 @@ pub enum ClientError {
 /// Resolves `HOST:PORT` (an `http://` prefix is accepted). A wildcard address, as a server may be
 /// configured to listen on, is reached through loopback.
 pub async fn resolve(admin: &str) -> Result<SocketAddr, ClientError> {
-    let bare = admin
-        .trim()
-        .trim_start_matches("http://")
-        .trim_end_matches('/');
+    let bare = admin.trim().trim_start_matches("http://").trim_end_matches('/');
     let mut addrs = tokio::net::lookup_host(bare)
         .await
         .map_err(|_| ClientError::BadAddress(admin.to_string()))?;
-    let mut addr = addrs
-        .next()
-        .ok_or_else(|| ClientError::BadAddress(admin.to_string()))?;
+    let mut addr = addrs.next().ok_or_else(|| ClientError::BadAddress(admin.to_string()))?;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr {
             SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),

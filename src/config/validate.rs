@@ -441,7 +441,8 @@ impl Config {
                             "set token_file to a file holding a bearer token, or bind admin.address to 127.0.0.1",
                         );
                     }
-                    if self.listeners.iter().any(|l| l.address == addr) {
+                    // Port 0 gets a free port from the kernel, as for listeners: it cannot collide.
+                    if addr.port() != 0 && self.listeners.iter().any(|l| l.address == addr) {
                         f.error(
                             "admin.address",
                             format!("{addr} is also a listener's address"),

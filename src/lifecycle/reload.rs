@@ -7,7 +7,7 @@
 //! either whole or refused with its findings; there is no half-reloaded server.
 //!
 //! Every trigger (SIGHUP, `POST /reload`, `gatehouse reload`, a library call) goes through
-//! [`Live::reload`], which serialises reloads, counts `gatehouse_reloads_total{result}`, logs the
+//! `Live::reload`, which serialises reloads, counts `gatehouse_reloads_total{result}`, logs the
 //! outcome and tells [`ReloadHook`]s (for example, to send systemd `RELOADING=1`).
 
 mod plan;
@@ -61,7 +61,7 @@ impl ReloadError {
 }
 
 /// Where a reload is in its course, as told to hooks.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub enum ReloadStage<'a> {
     /// A reload has the lock and is about to read and validate.
     Started,
@@ -169,21 +169,21 @@ impl Live {
     fn tell(&self, stage: ReloadStage<'_>) {
         let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for h in hooks {
-            h(match &stage {
-                ReloadStage::Started => ReloadStage::Started,
-                ReloadStage::Finished(r) => ReloadStage::Finished(r),
-            });
+            h(stage);
         }
     }
 
     /// Reloads `next`, or (with `None`) re-reads the source the server started from.
-    /// The one entry point of every trigger.
-    pub async fn reload(&self, next: Option<Config>) -> Result<ReloadReport, ReloadError> {
+    /// The one entry point of every trigger (through `ServerHandle`, which runs it on its own task).
+    pub(crate) async fn reload(&self, next: Option<Config>) -> Result<ReloadReport, ReloadError> {
         let _serial = self.lock.lock().await;
         self.tell(ReloadStage::Started);
         let result = self.reload_locked(next).await;
         let label = if result.is_ok() { "ok" } else { "refused" };
-        self.metrics.reloads.get_or_create(&ResultLabels { result: label }).inc();
+        self.metrics
+            .reloads
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
         match &result {
             Ok(r) => {
                 for w in &r.warnings {
@@ -241,10 +241,14 @@ impl Live {
             access_log,
             warnings,
         } = s;
-        if let (Some(router), Some(table)) = (self.router.load().as_deref(), routes) {
-            if plan.changed.iter().any(|c| c == "routes") {
-                router.replace(table);
+        match (self.router.load().as_deref(), routes) {
+            (Some(router), Some(table)) => {
+                if plan.changed.iter().any(|c| c == "routes") {
+                    router.replace(table);
+                }
             }
+            // The server runs its user's own service: `[[routes]]` is not what it serves.
+            _ => plan.changed.retain(|c| c != "routes"),
         }
         let settings = Arc::new(ConnSettings {
             timeouts: config.timeouts.clone(),
@@ -360,7 +364,11 @@ fn read_source(source: Option<&ConfigSource>) -> Result<Config, ReloadError> {
     match source {
         Some(ConfigSource::File(path)) => config::load(Some(path)).map(|(c, _)| c).map_err(|e| {
             let mut f = Findings::default();
-            f.error("config", e.to_string(), "fix the file; the running configuration is unchanged");
+            f.error(
+                "config",
+                e.to_string(),
+                "fix the file; the running configuration is unchanged",
+            );
             ReloadError::Invalid(f)
         }),
         Some(ConfigSource::Embedded) => Ok(Config::embedded_default(std::path::Path::new("public").is_dir())),

@@ -6,3 +6,4 @@ mod axum_example;
 mod cli;
 mod connections;
 mod protocols;
+mod reload;

@@ -69,11 +69,8 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         );
     }
     if old.tracing != new.tracing {
-        p.findings.warning(
-            "tracing",
-            "changed: tracing export is set up once at start",
-            restart,
-        );
+        p.findings
+            .warning("tracing", "changed: tracing export is set up once at start", restart);
     }
     p
 }
@@ -122,7 +119,10 @@ fn listeners(old: &Config, new: &Config, p: &mut Plan) {
             };
             p.findings.error(
                 format!("listeners[{i}].tls"),
-                format!("listener `{}` would switch from {from} to {to}; that needs a restart", n.name),
+                format!(
+                    "listener `{}` would switch from {from} to {to}; that needs a restart",
+                    n.name
+                ),
                 restart_fix,
             );
         } else if protocols_differ(o, n) {
@@ -191,12 +191,21 @@ mod tests {
         let renamed = load_str("[[listeners]]\nname = \"www\"\naddress = \"127.0.0.1:8080\"\n").unwrap();
         let p = plan(&old, &renamed);
         let errors: Vec<_> = p.findings.iter().map(|f| f.problem.as_str()).collect();
-        assert!(errors.iter().any(|e| e.contains("`www`") && e.contains("new listener")), "{errors:?}");
-        assert!(errors.iter().any(|e| e.contains("`web`") && e.contains("missing")), "{errors:?}");
+        assert!(
+            errors.iter().any(|e| e.contains("`www`") && e.contains("new listener")),
+            "{errors:?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.contains("`web`") && e.contains("missing")),
+            "{errors:?}"
+        );
 
         let tls = cfg("[listeners.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n");
         let p = plan(&old, &tls);
-        assert!(p.findings.iter().any(|f| f.key == "listeners[0].tls" && f.problem.contains("cleartext to TLS")));
+        assert!(p
+            .findings
+            .iter()
+            .any(|f| f.key == "listeners[0].tls" && f.problem.contains("cleartext to TLS")));
     }
 
     #[test]
