@@ -112,8 +112,10 @@ pub fn serve(path: Option<&Path>) -> Result<(), Exit> {
         })
         .collect();
     let workers = prepared.config.server.workers;
-    let config = Arc::new(prepared.config.clone());
-    let server = Server::bind_prepared(prepared)?;
+    let router = Router::new(table);
+    let server = Server::bind_prepared(prepared)?
+        .with_config_source(source.clone())
+        .with_config_routes(&router);
     eprintln!("gatehouse {} serving ({source})", env!("CARGO_PKG_VERSION"));
     eprint!("{}", server.protocol_table());
     for (name, cert) in &self_signed {
@@ -126,16 +128,188 @@ pub fn serve(path: Option<&Path>) -> Result<(), Exit> {
     }
     if let Some(l) = &admin_listener {
         if let Ok(a) = l.local_addr() {
-            eprintln!("admin API: http://{a}/ (healthz, readyz, metrics, debug/connections, debug/switches, config)");
+            eprintln!(
+                "admin API: http://{a}/ (healthz, readyz, metrics, debug/connections, debug/switches, config, reload)"
+            );
         }
     }
-    let router = Router::new(table);
     let result = server.run(router, workers, move |handle| async move {
         if let Some(listener) = admin_listener {
-            let admin = Arc::new(crate::admin::Admin { handle, config, token });
+            let admin = Arc::new(crate::admin::Admin { handle, token });
             crate::admin::serve(listener, admin).await;
         }
     });
     eprintln!("gatehouse stopped");
     result.map_err(Exit::from)
+}
+
+/// How long `gatehouse reload` waits for the server's answer: loading certificates and keys takes
+/// milliseconds, generating a self-signed certificate well under a second.
+const RELOAD_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `gatehouse reload`: asks a running server, through its admin API, to reload its configuration.
+/// Exit 0 when applied, 78 when refused as invalid, 69 when the server cannot be reached or
+/// cannot reload now. `admin` wins over `[admin] address` from `path` (or the default file).
+pub fn reload(admin: Option<&str>, path: Option<&Path>, token_file: Option<&Path>) -> Result<String, Exit> {
+    use crate::admin::client;
+    let unavailable = |message: String| Exit { code: 69, message };
+    // The file gives the address and the token unless flags do; with --admin and no -c it is
+    // only consulted for a token, so a broken or absent default file does not matter then.
+    let config = match (admin, path) {
+        (Some(_), None) => config::load(None).ok().map(|(c, _)| c),
+        _ => Some(load(path)?.0),
+    };
+    let address = match admin {
+        Some(a) => a.to_string(),
+        None => config.as_ref().map(|c| c.admin.address.clone()).unwrap_or_default(),
+    };
+    if address.is_empty() {
+        return Err(unavailable(
+            "the admin API is turned off ([admin] address = \"\"); send SIGHUP to the server instead".into(),
+        ));
+    }
+    let token_file = token_file
+        .map(Path::to_path_buf)
+        .or_else(|| config.and_then(|c| c.admin.token_file));
+    let token = match token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(&p)
+                .map_err(|e| Exit {
+                    code: 78,
+                    message: format!("cannot read the admin token file {}: {e}", p.display()),
+                })?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Exit {
+            code: 1,
+            message: format!("cannot start a runtime: {e}"),
+        })?;
+    let answer = rt
+        .block_on(async {
+            let addr = client::resolve(&address).await?;
+            client::request(
+                addr,
+                http::Method::POST,
+                "/reload",
+                token.as_deref(),
+                RELOAD_ANSWER_TIMEOUT,
+            )
+            .await
+        })
+        .map_err(|e| unavailable(e.to_string()))?;
+    reload_outcome(&address, answer.status, &answer.body)
+}
+
+/// Turns the admin API's answer into the command's output and exit code.
+fn reload_outcome(address: &str, status: http::StatusCode, body: &[u8]) -> Result<String, Exit> {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let findings = |field: &str, severity: &str| -> String {
+        v[field]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|f| {
+                        let (key, message, fix) = (
+                            f["key"].as_str().unwrap_or(""),
+                            f["message"].as_str().unwrap_or(""),
+                            f["fix"].as_str().unwrap_or(""),
+                        );
+                        if fix.is_empty() {
+                            format!("{severity}: {key}: {message}\n")
+                        } else {
+                            format!("{severity}: {key}: {message}; {fix}\n")
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    match status.as_u16() {
+        200 => {
+            let changed: Vec<&str> = v["changed"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|c| c.as_str()).collect())
+                .unwrap_or_default();
+            let mut out = findings("warnings", "warning");
+            if changed.is_empty() {
+                out.push_str("reload ok: nothing changed\n");
+            } else {
+                out.push_str(&format!("reload ok: changed {}\n", changed.join(", ")));
+            }
+            Ok(out)
+        }
+        422 => Err(Exit {
+            code: 78,
+            message: format!(
+                "reload refused; the server keeps serving its previous configuration:\n{}",
+                findings("findings", "error")
+            ),
+        }),
+        503 => Err(Exit {
+            code: 69,
+            message: format!("reload refused: {}", findings("findings", "error")),
+        }),
+        401 => Err(Exit {
+            code: 1,
+            message: format!(
+                "the admin API at {address} requires a bearer token; pass --token-file, or -c with the server's configuration file"
+            ),
+        }),
+        other => Err(Exit {
+            code: 1,
+            message: format!(
+                "the admin API at {address} answered {other} to POST /reload: {}",
+                String::from_utf8_lossy(body).trim()
+            ),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    #[test]
+    fn reload_answers_map_to_output_and_exit_codes() {
+        let ok = br#"{"result":"ok","changed":["routes","timeouts"],"warnings":[{"key":"server.workers","message":"changed","fix":"restart"}]}"#;
+        let out = reload_outcome("a", StatusCode::OK, ok).unwrap();
+        assert_eq!(
+            out,
+            "warning: server.workers: changed; restart\nreload ok: changed routes, timeouts\n"
+        );
+        let same = br#"{"result":"ok","changed":[],"warnings":[]}"#;
+        assert_eq!(
+            reload_outcome("a", StatusCode::OK, same).unwrap(),
+            "reload ok: nothing changed\n"
+        );
+        let refused =
+            br#"{"result":"refused","findings":[{"key":"timeouts.idle","message":"must not be 0s","fix":""}]}"#;
+        let e = reload_outcome("a", StatusCode::UNPROCESSABLE_ENTITY, refused).unwrap_err();
+        assert_eq!(e.code, 78);
+        assert!(
+            e.message.contains("error: timeouts.idle: must not be 0s\n"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            reload_outcome("a", StatusCode::SERVICE_UNAVAILABLE, b"{}")
+                .unwrap_err()
+                .code,
+            69
+        );
+        assert_eq!(reload_outcome("a", StatusCode::UNAUTHORIZED, b"").unwrap_err().code, 1);
+        assert_eq!(
+            reload_outcome("a", StatusCode::NOT_FOUND, b"not found")
+                .unwrap_err()
+                .code,
+            1
+        );
+    }
 }

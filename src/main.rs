@@ -41,6 +41,19 @@ enum Command {
         #[arg(short = 'c', long = "config")]
         config: Option<PathBuf>,
     },
+    /// Ask a running server to reload its configuration and certificates (same as SIGHUP).
+    /// Exits 0 when applied, 78 when refused as invalid, 69 when the server cannot be reached.
+    Reload {
+        /// Admin API address. Default: [admin] address from the configuration file.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<String>,
+        /// Configuration file to take the admin address and token file from.
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+        /// File holding the admin bearer token. Default: [admin] token_file from the configuration.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -71,7 +84,9 @@ fn try_main(cli: Cli) -> Result<(), gatehouse::app::Exit> {
         Some(LogFormatArg::Text) => gatehouse::config::LogFormat::Text,
         None => {
             let path = match &cli.command {
-                Command::Serve { config } | Command::Check { config } => config.as_deref(),
+                Command::Serve { config } | Command::Check { config } | Command::Reload { config, .. } => {
+                    config.as_deref()
+                }
             };
             gatehouse::config::load(path)
                 .map(|(c, _)| c.log.format)
@@ -84,6 +99,16 @@ fn try_main(cli: Cli) -> Result<(), gatehouse::app::Exit> {
         Command::Serve { config } => gatehouse::app::serve(config.as_deref()),
         Command::Check { config } => {
             let report = gatehouse::app::check(config.as_deref())?;
+            print!("{report}");
+            Ok(())
+        }
+        Command::Reload {
+            admin,
+            config,
+            token_file,
+        } => {
+            let report = gatehouse::app::reload(admin.as_deref(), config.as_deref(), token_file.as_deref())?;
+            // Warnings first, then the one-line result; all on stdout, since the command succeeded.
             print!("{report}");
             Ok(())
         }

@@ -16,12 +16,13 @@
 //! # }
 //! ```
 
-use crate::config::{Config, Findings, Severity};
+use crate::config::{Config, ConfigSource, Findings, Severity};
 use crate::conn::{ConnSettings, ListenerShared, ProtocolPolicy, Registry};
 use crate::http::{HttpService, ServiceBody};
-use crate::lifecycle::{Phase, ShutdownTrigger};
+use crate::lifecycle::{Live, Phase, ReloadError, ReloadHook, ReloadReport, ShutdownTrigger, Signals};
 use crate::listen::{self, BindError, ConnLimits};
-use crate::observe::{AccessLog, Metrics, Name, PeerFilter, Switch, SwitchSet, Switches};
+use crate::observe::{AccessLog, Metrics, Name, Switches};
+use crate::route::Router;
 use crate::tls::TlsServer;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -94,6 +95,7 @@ pub struct ServerHandle {
     pub metrics: Metrics,
     pub registry: Arc<Registry>,
     pub switches: Switches,
+    live: Arc<Live>,
 }
 
 impl ServerHandle {
@@ -119,6 +121,47 @@ impl ServerHandle {
     pub(crate) fn trigger(&self) -> &ShutdownTrigger {
         &self.trigger
     }
+
+    /// The configuration in force: the one the server started with, or the last reloaded.
+    pub fn config(&self) -> Arc<Config> {
+        self.live.config()
+    }
+
+    /// Validates `config` in full (as `gatehouse check` does, certificates and keys included) and,
+    /// only if nothing is wrong, puts it in force for new connections, handshakes and requests.
+    /// Open connections are not dropped. On refusal nothing has changed.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f(handle: gatehouse::ServerHandle, text: &str) -> Result<(), Box<dyn std::error::Error>> {
+    /// let report = handle.reload(gatehouse::Config::from_toml(text)?).await?;
+    /// println!("changed: {}", report.changed.join(", "));
+    /// # Ok(()) }
+    /// ```
+    pub async fn reload(&self, config: Config) -> Result<ReloadReport, ReloadError> {
+        self.run_reload(Some(config)).await
+    }
+
+    /// Re-reads the configuration the server started from (as SIGHUP does) and reloads it.
+    /// Refused when the configuration was given in code (see [`Server::with_config_source`]).
+    pub async fn reload_from_source(&self) -> Result<ReloadReport, ReloadError> {
+        self.run_reload(None).await
+    }
+
+    /// Runs the reload on its own task: a caller that goes away mid-way (an admin client that
+    /// hangs up) must not cut a reload short after its hooks were told it started.
+    async fn run_reload(&self, next: Option<Config>) -> Result<ReloadReport, ReloadError> {
+        let live = self.live.clone();
+        tokio::spawn(async move { live.reload(next).await })
+            .await
+            .unwrap_or_else(|e| Err(ReloadError::Unavailable(format!("the reload task failed: {e}"))))
+    }
+
+    /// Calls `hook` when each reload starts and when it finishes, whatever triggered it.
+    pub fn on_reload(&self, hook: ReloadHook) {
+        self.live.add_hook(hook);
+    }
 }
 
 /// A server with its listeners bound, ready to serve.
@@ -143,15 +186,7 @@ impl Server {
         let metrics = Metrics::new(registry.clone());
         let (trigger, shutdown) = ShutdownTrigger::new();
         let c = &prepared.config;
-        let switches = Switches::new(SwitchSet::new(
-            &c.debug
-                .switches
-                .iter()
-                .filter_map(|s| Switch::parse(s))
-                .collect::<Vec<_>>(),
-            c.debug.listener.clone(),
-            c.debug.peer.as_deref().and_then(|p| PeerFilter::parse(p).ok()),
-        ));
+        let switches = Switches::new(crate::lifecycle::reload::switch_set(c));
         let access_log = AccessLog::open(&c.log, metrics.access_log_dropped.clone()).map_err(|e| {
             let mut f = Findings::default();
             f.error(
@@ -181,7 +216,7 @@ impl Server {
             let tls = tls_servers.get_mut(i).and_then(Option::take);
             let shared = Arc::new(ListenerShared {
                 name: Name(Arc::from(l.name.as_str())),
-                policy: ProtocolPolicy::from_config(l),
+                policy: ArcSwap::from_pointee(ProtocolPolicy::from_config(l)),
                 tls: tls.map(ArcSwap::from_pointee),
                 settings: ArcSwap::new(settings.clone()),
                 metrics: metrics.clone(),
@@ -193,12 +228,21 @@ impl Server {
             listeners.push((shared, socket));
         }
         let limits = ConnLimits::new(c.limits.max_connections, c.limits.max_connections_per_ip);
+        let live = Arc::new(Live::new(
+            c.clone(),
+            listeners.iter().map(|(shared, _)| shared.clone()).collect(),
+            limits.clone(),
+            switches.clone(),
+            metrics.clone(),
+            shutdown,
+        ));
         let handle = ServerHandle {
             trigger,
             ready: Arc::new(AtomicBool::new(false)),
             metrics,
             registry,
             switches,
+            live,
         };
         Ok(Server {
             prepared,
@@ -230,7 +274,22 @@ impl Server {
         &self.prepared.findings
     }
 
-    /// Do not install SIGTERM/SIGINT handlers; shut down through [`ServerHandle::shutdown`] only.
+    /// Where the configuration came from, so that SIGHUP and [`ServerHandle::reload_from_source`]
+    /// can read it again. Without it, only [`ServerHandle::reload`] with a new `Config` reloads.
+    pub fn with_config_source(self, source: ConfigSource) -> Self {
+        self.handle.live.set_source(source);
+        self
+    }
+
+    /// Declares that `router` serves this configuration's `[[routes]]`, so reloads rebuild its
+    /// table. Without it a reload leaves the served service alone: a library user's own tower
+    /// service keeps running unchanged across reloads, which still apply to everything else.
+    pub fn with_config_routes(self, router: &Router) -> Self {
+        self.handle.live.set_router(router.clone());
+        self
+    }
+
+    /// Do not install SIGTERM/SIGINT/SIGHUP handlers; shut down through [`ServerHandle::shutdown`] only.
     pub fn without_signal_handling(mut self) -> Self {
         self.signals = false;
         self
@@ -373,10 +432,38 @@ impl Server {
         let listener_count = self.listeners.len();
         drop(self.listeners);
         let handle = self.handle.clone();
+        let mut signals = if self.signals {
+            match Signals::install() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install signal handlers; stop the server through the admin API or the library handle");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let reload = || {
+            let handle = handle.clone();
+            // Its own task, so a stop signal is not held up while certificates load.
+            tokio::spawn(async move {
+                // The outcome is logged and counted by the reload itself.
+                let _ = handle.reload_from_source().await;
+            });
+        };
         handle.set_ready(true);
         let shutdown = handle.trigger().subscribe();
         // Every listener is bound and has an accept loop: tell systemd (Type=notify) we are up.
         let notify = crate::lifecycle::systemd::notifier();
+        if notify.is_enabled() {
+            let registry = handle.registry.clone();
+            handle.on_reload(Arc::new(move |stage| match stage {
+                crate::lifecycle::ReloadStage::Started => notify.reloading(),
+                crate::lifecycle::ReloadStage::Finished(_) => {
+                    notify.reloaded(&serving_status(listener_count, &registry))
+                }
+            }));
+        }
         notify.ready(&serving_status(listener_count, &handle.registry));
         if notify.is_enabled() {
             let registry = handle.registry.clone();
@@ -392,22 +479,23 @@ impl Server {
                 }
             });
         }
-        let drain_timeout = self.prepared.config.shutdown.drain_timeout.get();
-        let drain_delay = self.prepared.config.shutdown.drain_delay.get();
-        if self.signals {
-            wait_for_signal_or(&shutdown).await;
-        } else {
-            shutdown.draining().await;
+        match &mut signals {
+            Some(s) => tokio::select! {
+                _ = s.stop_requested(&reload) => {}
+                _ = shutdown.draining() => {}
+            },
+            None => shutdown.draining().await,
         }
-        // Listen for the second signal from this instant, before anything is logged or awaited:
-        // one sent during drain_delay or right after the drain is announced must not be missed.
-        let stop = if self.signals { stop_signals() } else { None };
+        // Read now rather than at start: [shutdown] is reloadable.
+        let drain = handle.config().shutdown.clone();
+        let (drain_timeout, drain_delay) = (drain.drain_timeout.get(), drain.drain_delay.get());
+        // The signal streams stay registered from startup, so a second signal sent during
+        // drain_delay or right as the drain is announced is not missed.
         let forced = shutdown.clone();
         let mut second_signal = Box::pin(async move {
-            match stop {
-                Some((mut term, mut int)) => tokio::select! {
-                    _ = term.recv() => tracing::warn!(signal = "SIGTERM", "second signal: closing every connection now"),
-                    _ = int.recv() => tracing::warn!(signal = "SIGINT", "second signal: closing every connection now"),
+            match &mut signals {
+                Some(s) => tokio::select! {
+                    _ = s.stop_requested(&reload) => tracing::warn!("second signal: closing every connection now"),
                     _ = forced.forced() => {}
                 },
                 None => forced.forced().await,
@@ -445,42 +533,4 @@ impl Server {
 /// The systemd status line while serving.
 fn serving_status(listeners: usize, registry: &Registry) -> String {
     format!("serving {listeners} listener(s); {} connection(s)", registry.len())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr2)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined2()),
-    ) else {
-        return std::future::pending::<()>().await;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return tracing::info!(signal = "SIGTERM", "shutdown requested"),
-            _ = int.recv() => return tracing::info!(signal = "SIGINT", "shutdown requested"),
-            // Their default action would kill the process; until reload and upgrade exist, say so and keep serving.
-            _ = hup.recv() => tracing::warn!(signal = "SIGHUP", "reload is not available in this build; configuration unchanged, still serving"),
-            _ = usr2.recv() => tracing::warn!(signal = "SIGUSR2", "binary upgrade is not available in this build; still serving"),
-        }
-    }
-}
-
-/// SIGTERM and SIGINT streams, registered now (a later registration would miss a signal sent
-/// in between). `None` if they cannot be registered: then only the handle can force the close.
-fn stop_signals() -> Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(term), Ok(int)) => Some((term, int)),
-        _ => None,
-    }
-}
-
-async fn wait_for_signal_or(shutdown: &crate::lifecycle::Shutdown) {
-    tokio::select! {
-        _ = wait_for_signal() => {}
-        _ = shutdown.draining() => {}
-    }
 }

@@ -1,6 +1,9 @@
-//! The admin API: health, readiness, metrics, the live connection table, debug switches, config.
+//! The admin API: health, readiness, metrics, the live connection table, debug switches, config,
+//! reload.
 
-use crate::config::Config;
+pub mod client;
+mod reload;
+
 use crate::observe::{PeerFilter, Switch, SwitchSet};
 use crate::ServerHandle;
 use bytes::Bytes;
@@ -16,8 +19,8 @@ const MAX_ADMIN_BODY: usize = 64 * 1024;
 
 /// What the admin API serves from.
 pub struct Admin {
+    /// Also the source of the configuration shown: the one in force, reloads included.
     pub handle: ServerHandle,
-    pub config: Arc<Config>,
     pub token: Option<String>,
 }
 
@@ -112,7 +115,8 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
         (Method::GET, "/debug/connections") => json(StatusCode::OK, connections(h, req.uri().query().unwrap_or(""))),
         (Method::GET, "/debug/switches") => json(StatusCode::OK, switches_json(&h.switches.current())),
         (Method::PUT, "/debug/switches") => put_switches(admin, req).await,
-        (Method::GET, "/config") => match serde_json::to_value(&*admin.config) {
+        (Method::POST, "/reload") => reload::post(h).await,
+        (Method::GET, "/config") => match serde_json::to_value(&*h.config()) {
             Ok(v) => json(StatusCode::OK, v),
             Err(e) => respond(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -127,6 +131,15 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 "method not allowed\n",
             );
             r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+            r
+        }
+        (_, "/reload") => {
+            let mut r = respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain; charset=utf-8",
+                "method not allowed\n",
+            );
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
             r
         }
         _ => respond(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n"),
@@ -219,7 +232,7 @@ async fn put_switches(admin: &Admin, req: Request<Incoming>) -> Response<Full<By
         }
     }
     if let Some(l) = &update.listener {
-        if !admin.config.listeners.iter().any(|x| &x.name == l) {
+        if !admin.handle.config().listeners.iter().any(|x| &x.name == l) {
             return bad(format!("no listener is named `{l}`"));
         }
     }

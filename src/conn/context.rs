@@ -16,7 +16,7 @@ pub struct ConnSettings {
     pub http2: Http2Config,
 }
 
-/// Which protocols a listener speaks (fixed for the listener's life).
+/// Which protocols a cleartext listener speaks; swapped on reload, read once per new connection.
 #[derive(Clone, Debug)]
 pub struct ProtocolPolicy {
     pub http1: bool,
@@ -39,7 +39,7 @@ impl ProtocolPolicy {
 /// Everything a listener's connections share.
 pub struct ListenerShared {
     pub name: Name,
-    pub policy: ProtocolPolicy,
+    pub policy: ArcSwap<ProtocolPolicy>,
     pub tls: Option<ArcSwap<TlsServer>>,
     pub settings: ArcSwap<ConnSettings>,
     pub metrics: Metrics,

@@ -149,7 +149,7 @@ where
             }
         }
     }
-    let policy = &listener.policy;
+    let policy = listener.policy.load_full();
     match (policy.http1, policy.h2c) {
         (true, true) => {
             let sniffed = tokio::select! {

@@ -210,7 +210,8 @@ impl<S> Pipeline<S> {
     /// request is served as plain HTTP/1.1, which is counted as a fallback with its reason.
     fn h2c_upgrade<B>(&self, req: &mut Request<Incoming>) -> Option<Response<Instrumented<B>>> {
         let listener = &self.conn.listener;
-        let refusal = if !(listener.policy.h2c_upgrade && listener.policy.h2c) {
+        let policy = listener.policy.load();
+        let refusal = if !(policy.h2c_upgrade && policy.h2c) {
             "h2c_upgrade_disabled"
         } else {
             match h2c::check(req.headers()) {

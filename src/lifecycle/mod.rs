@@ -1,8 +1,12 @@
-//! Process lifecycle: shutdown phases, draining, signals, and systemd notifications.
+//! Process lifecycle: shutdown phases, draining, hot reload, signals, and systemd notifications.
 
 mod drain;
+pub mod reload;
 mod shutdown;
+mod signals;
 pub mod systemd;
 
 pub use drain::{drain, DrainReport};
+pub use reload::{Live, ReloadError, ReloadHook, ReloadReport, ReloadStage};
 pub use shutdown::{Phase, Shutdown, ShutdownTrigger};
+pub use signals::Signals;

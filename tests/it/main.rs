@@ -10,5 +10,6 @@ mod dist;
 mod drain;
 mod malformed;
 mod protocols;
+mod reload;
 mod systemd;
 mod timeouts;

@@ -135,8 +135,10 @@ impl TestServer {
         let mut f = Findings::default();
         let table = RouteTable::build(&config, &mut f);
         assert!(!f.has_errors(), "{f}");
+        let router = Router::new(table);
         let server = Server::bind(config)
             .unwrap_or_else(|e| panic!("server did not start: {e}"))
+            .with_config_routes(&router)
             .without_signal_handling();
         let addrs = server
             .config()
@@ -146,7 +148,7 @@ impl TestServer {
             .collect();
         let handle = server.handle();
         let task = tokio::spawn(async move {
-            server.serve(Router::new(table)).await.unwrap();
+            server.serve(router).await.unwrap();
         });
         TestServer {
             handle,

@@ -1,0 +1,405 @@
+//! Hot reload: validate a whole new configuration, then swap it in, or change nothing at all.
+//!
+//! A reload has two stages. *Staging* does everything that can fail — reads the file, validates
+//! it exactly as `gatehouse check` does, loads every certificate and key, compiles the routes,
+//! opens the access log — without touching the running server. *Applying* then stores each
+//! prepared piece into the `ArcSwap` that connections read from, and cannot fail. So a reload is
+//! either whole or refused with its findings; there is no half-reloaded server.
+//!
+//! Every trigger (SIGHUP, `POST /reload`, `gatehouse reload`, a library call) goes through
+//! `Live::reload`, which serialises reloads, counts `gatehouse_reloads_total{result}`, logs the
+//! outcome and tells [`ReloadHook`]s (for example, to send systemd `RELOADING=1`).
+
+mod plan;
+
+pub use plan::{plan, Plan};
+
+use super::Shutdown;
+use crate::config::{self, Config, ConfigSource, Finding, Findings, ListenerConfig, Severity};
+use crate::conn::{ConnSettings, ListenerShared, ProtocolPolicy};
+use crate::listen::ConnLimits;
+use crate::observe::metrics::ResultLabels;
+use crate::observe::{AccessLog, Metrics, PeerFilter, Switch, SwitchSet, Switches};
+use crate::route::{RouteTable, Router};
+use crate::tls::TlsServer;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use std::sync::{Arc, Mutex};
+
+/// What a reload that went through did.
+#[derive(Clone, Debug, Default)]
+pub struct ReloadReport {
+    /// Sections now in force, like `routes`, `timeouts` or `listeners.public.tls`. Empty when the
+    /// new configuration equals the running one.
+    pub changed: Vec<String>,
+    /// Changed keys that wait for a restart, and certificate warnings (expiring soon...).
+    pub warnings: Vec<Finding>,
+}
+
+/// Why a reload was refused. Either way the running configuration is untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new configuration, a certificate or a key has errors (all of them are listed).
+    #[error("reload refused; still serving the previous configuration:\n{0}")]
+    Invalid(Findings),
+    /// The server cannot reload now: it is draining, or has no file to re-read.
+    #[error("reload refused: {0}")]
+    Unavailable(String),
+}
+
+impl ReloadError {
+    /// The refusal as findings (one for `Unavailable`), for answers that list them.
+    pub fn findings(&self) -> Findings {
+        match self {
+            ReloadError::Invalid(f) => f.clone(),
+            ReloadError::Unavailable(why) => {
+                let mut f = Findings::default();
+                f.error("server", why.clone(), "");
+                f
+            }
+        }
+    }
+}
+
+/// Where a reload is in its course, as told to hooks.
+#[derive(Clone, Copy, Debug)]
+pub enum ReloadStage<'a> {
+    /// A reload has the lock and is about to read and validate.
+    Started,
+    /// The reload is over: applied or refused.
+    Finished(&'a Result<ReloadReport, ReloadError>),
+}
+
+/// Called at each [`ReloadStage`], on the task that runs the reload; keep it quick.
+pub type ReloadHook = Arc<dyn Fn(ReloadStage<'_>) + Send + Sync>;
+
+/// The server state a reload replaces, and what it needs to rebuild it.
+pub struct Live {
+    config: ArcSwap<Config>,
+    /// Where `reload_from_source` reads from; `None` when the configuration was given in code.
+    source: ArcSwapOption<ConfigSource>,
+    /// The built-in route table, when the server serves its configuration's `[[routes]]`. A
+    /// library user's own service is never replaced.
+    router: ArcSwapOption<Router>,
+    listeners: Vec<Arc<ListenerShared>>,
+    limits: Arc<ConnLimits>,
+    switches: Switches,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    hooks: Mutex<Vec<ReloadHook>>,
+    /// Held for a whole reload so two triggers at once run one after the other, never interleaved.
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("source", &self.source.load())
+            .field("listeners", &self.listeners.len())
+            .field("routes", &self.router.load().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything a candidate configuration needs, built and checked, not yet in force.
+struct Staged {
+    config: Arc<Config>,
+    plan: Plan,
+    /// Per listener of the new configuration, in its order.
+    tls: Vec<Option<TlsServer>>,
+    routes: Option<RouteTable>,
+    /// `None`: keep the running access log.
+    access_log: Option<Arc<AccessLog>>,
+    warnings: Findings,
+}
+
+/// What staging needs from the running server; owned, so staging can run on a blocking thread.
+struct StageInput {
+    next: Option<Config>,
+    source: Option<Arc<ConfigSource>>,
+    old: Arc<Config>,
+    rebuild_routes: bool,
+    access_log_dropped: prometheus_client::metrics::counter::Counter,
+}
+
+impl Live {
+    /// The reload state over a freshly bound server. `config` is the prepared (running) one.
+    pub(crate) fn new(
+        config: Config,
+        listeners: Vec<Arc<ListenerShared>>,
+        limits: Arc<ConnLimits>,
+        switches: Switches,
+        metrics: Metrics,
+        shutdown: Shutdown,
+    ) -> Live {
+        // Both series exist from the start so a dashboard can tell "no reload yet" from "no data".
+        for result in ["ok", "refused"] {
+            let _ = metrics.reloads.get_or_create(&ResultLabels { result });
+        }
+        Live {
+            config: ArcSwap::from_pointee(config),
+            source: ArcSwapOption::empty(),
+            router: ArcSwapOption::empty(),
+            listeners,
+            limits,
+            switches,
+            metrics,
+            shutdown,
+            hooks: Mutex::new(Vec::new()),
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub(crate) fn set_source(&self, source: ConfigSource) {
+        self.source.store(Some(Arc::new(source)));
+    }
+
+    pub(crate) fn set_router(&self, router: Router) {
+        self.router.store(Some(Arc::new(router)));
+    }
+
+    pub(crate) fn add_hook(&self, hook: ReloadHook) {
+        self.hooks.lock().unwrap_or_else(|p| p.into_inner()).push(hook);
+    }
+
+    fn tell(&self, stage: ReloadStage<'_>) {
+        let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for h in hooks {
+            h(stage);
+        }
+    }
+
+    /// Reloads `next`, or (with `None`) re-reads the source the server started from.
+    /// The one entry point of every trigger (through `ServerHandle`, which runs it on its own task).
+    pub(crate) async fn reload(&self, next: Option<Config>) -> Result<ReloadReport, ReloadError> {
+        let _serial = self.lock.lock().await;
+        self.tell(ReloadStage::Started);
+        let result = self.reload_locked(next).await;
+        let label = if result.is_ok() { "ok" } else { "refused" };
+        self.metrics
+            .reloads
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
+        match &result {
+            Ok(r) => {
+                for w in &r.warnings {
+                    tracing::warn!(key = %w.key, fix = %w.fix, "reload: {}", w.problem);
+                }
+                if r.changed.is_empty() {
+                    tracing::info!("configuration reloaded; nothing changed");
+                } else {
+                    tracing::info!(changed = %r.changed.join(", "), "configuration reloaded");
+                }
+            }
+            Err(e) => {
+                let findings = e.findings();
+                let summary: Vec<String> = findings.iter().map(|f| format!("{}: {}", f.key, f.problem)).collect();
+                tracing::warn!(
+                    findings = %summary.join("; "),
+                    "reload refused; still serving the previous configuration"
+                );
+            }
+        }
+        self.tell(ReloadStage::Finished(&result));
+        result
+    }
+
+    async fn reload_locked(&self, next: Option<Config>) -> Result<ReloadReport, ReloadError> {
+        if self.shutdown.phase() != super::Phase::Running {
+            return Err(ReloadError::Unavailable(
+                "the server is shutting down; configuration unchanged".into(),
+            ));
+        }
+        let input = StageInput {
+            next,
+            source: self.source.load_full(),
+            old: self.config.load_full(),
+            rebuild_routes: self.router.load().is_some(),
+            access_log_dropped: self.metrics.access_log_dropped.clone(),
+        };
+        // Reading files, loading keys and maybe generating a self-signed certificate block.
+        let staged = tokio::task::spawn_blocking(move || stage(input))
+            .await
+            .map_err(|e| ReloadError::Unavailable(format!("the reload task failed: {e}")))??;
+        Ok(self.apply(staged))
+    }
+
+    /// Puts a staged configuration in force. Cannot fail: everything fallible happened in `stage`.
+    ///
+    /// Each piece is its own atomic swap. Requests and handshakes read their piece when they
+    /// start, so each sees either the old or the new value of it, never a mix within one piece.
+    fn apply(&self, s: Staged) -> ReloadReport {
+        let Staged {
+            config,
+            mut plan,
+            tls,
+            routes,
+            access_log,
+            warnings,
+        } = s;
+        match (self.router.load().as_deref(), routes) {
+            (Some(router), Some(table)) => {
+                if plan.changed.iter().any(|c| c == "routes") {
+                    router.replace(table);
+                }
+            }
+            // The server runs its user's own service: `[[routes]]` is not what it serves.
+            _ => plan.changed.retain(|c| c != "routes"),
+        }
+        let settings = Arc::new(ConnSettings {
+            timeouts: config.timeouts.clone(),
+            limits: config.limits.clone(),
+            http2: config.http2.clone(),
+        });
+        let old = self.config.load_full();
+        let mut tls = tls;
+        for (i, l) in config.listeners.iter().enumerate() {
+            // `plan` refused any listener that is not already running, so this always finds it.
+            let Some(shared) = self.listeners.iter().find(|s| *s.name.0 == *l.name) else {
+                continue;
+            };
+            shared.settings.store(settings.clone());
+            shared.policy.store(Arc::new(ProtocolPolicy::from_config(l)));
+            if let (Some(slot), Some(next)) = (&shared.tls, tls.get_mut(i).and_then(Option::take)) {
+                let old_cfg = old.listeners.iter().find(|o| o.name == l.name);
+                if !same_tls(old_cfg, l, &slot.load(), &next) {
+                    slot.store(Arc::new(next));
+                    plan.changed.push(format!("listeners.{}.tls", l.name));
+                }
+            }
+            if let Some(log) = &access_log {
+                shared.access_log.store(log.clone());
+            }
+        }
+        self.limits
+            .set(config.limits.max_connections, config.limits.max_connections_per_ip);
+        if plan.changed.iter().any(|c| c == "debug") {
+            self.switches.replace(switch_set(&config));
+        }
+        self.config.store(config);
+        let mut all = plan.findings;
+        all.extend(warnings);
+        ReloadReport {
+            changed: plan.changed,
+            warnings: all.0.into_iter().filter(|f| f.severity == Severity::Warning).collect(),
+        }
+    }
+}
+
+/// Builds and checks everything the candidate needs. Touches nothing that is serving.
+fn stage(input: StageInput) -> Result<Staged, ReloadError> {
+    let next = match input.next {
+        Some(c) => c,
+        None => read_source(input.source.as_deref())?,
+    };
+    let plan = plan(&input.old, &next);
+    // Listener refusals first: they explain why the rest would not matter yet.
+    let mut findings = Findings(
+        plan.findings
+            .iter()
+            .filter(|f| f.severity == Severity::Error)
+            .cloned()
+            .collect(),
+    );
+    let mut route_findings = Findings::default();
+    let routes = input
+        .rebuild_routes
+        .then(|| RouteTable::build(&next, &mut route_findings));
+    // The same validation as `gatehouse check`: every key, every certificate and key file.
+    let prepared = crate::prepare(next);
+    let mut prepared = match prepared {
+        Ok(p) => {
+            findings.extend(route_findings);
+            p
+        }
+        Err(e) => {
+            match e {
+                crate::StartError::Invalid(f) => findings.extend(f),
+                other => findings.error("config", other.to_string(), ""),
+            }
+            findings.extend(route_findings);
+            return Err(ReloadError::Invalid(findings));
+        }
+    };
+    findings.extend(std::mem::take(&mut prepared.findings));
+    if findings.has_errors() {
+        return Err(ReloadError::Invalid(findings));
+    }
+    // Reopened when its settings changed, and for a file every time: after logrotate renames the
+    // file, SIGHUP makes gatehouse write to a fresh one (as nginx does on USR1).
+    let log = &prepared.config.log;
+    let reopen =
+        plan.changed.iter().any(|c| c == "log") || !matches!(log.access_log.as_str(), "stdout" | "stderr" | "off");
+    let access_log = if reopen {
+        match AccessLog::open(log, input.access_log_dropped) {
+            Ok(l) => Some(Arc::new(l)),
+            Err(e) => {
+                findings.error(
+                    "log.access_log",
+                    format!("cannot open {}: {e}", log.access_log),
+                    "make the file's directory writable, or use \"stdout\" or \"off\"",
+                );
+                return Err(ReloadError::Invalid(findings));
+            }
+        }
+    } else {
+        None
+    };
+    Ok(Staged {
+        tls: std::mem::take(&mut prepared.tls),
+        config: Arc::new(prepared.config),
+        plan,
+        routes,
+        access_log,
+        warnings: findings,
+    })
+}
+
+/// Reads the configuration the server started from, as `serve` did.
+fn read_source(source: Option<&ConfigSource>) -> Result<Config, ReloadError> {
+    match source {
+        Some(ConfigSource::File(path)) => config::load(Some(path)).map(|(c, _)| c).map_err(|e| {
+            let mut f = Findings::default();
+            f.error(
+                "config",
+                e.to_string(),
+                "fix the file; the running configuration is unchanged",
+            );
+            ReloadError::Invalid(f)
+        }),
+        Some(ConfigSource::Embedded) => Ok(Config::embedded_default(std::path::Path::new("public").is_dir())),
+        None => Err(ReloadError::Unavailable(
+            "this server's configuration was given in code, not read from a file; \
+             pass the new configuration to ServerHandle::reload"
+                .into(),
+        )),
+    }
+}
+
+/// The same certificates and the same TLS settings: keeping the running `TlsServer` keeps its
+/// session ticket key and cache, so clients still resume across a reload that changed nothing
+/// here. Comparing chains suffices for keys: loading checks that each key matches its certificate.
+fn same_tls(old_cfg: Option<&ListenerConfig>, new_cfg: &ListenerConfig, old: &TlsServer, new: &TlsServer) -> bool {
+    let chains = |t: &TlsServer| t.certs.iter().map(|c| c.key.cert.clone()).collect::<Vec<_>>();
+    old_cfg.is_some_and(|o| o.tls == new_cfg.tls && !plan::protocols_differ(o, new_cfg))
+        && old.alpn == new.alpn
+        && old.on_no_alpn == new.on_no_alpn
+        && chains(old) == chains(new)
+}
+
+/// The `[debug]` switches as configured (validation rejected unknown names and bad peers).
+pub(crate) fn switch_set(c: &Config) -> SwitchSet {
+    SwitchSet::new(
+        &c.debug
+            .switches
+            .iter()
+            .filter_map(|s| Switch::parse(s))
+            .collect::<Vec<_>>(),
+        c.debug.listener.clone(),
+        c.debug.peer.as_deref().and_then(|p| PeerFilter::parse(p).ok()),
+    )
+}
