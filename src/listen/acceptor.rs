@@ -221,6 +221,8 @@ impl AcceptErrors {
     }
 
     /// Notes a successful accept: the first one after a failure is when the listener recovered.
+    /// Also ends the episode when it has been quiet long enough: on a listener busy enough that
+    /// accept is always ready, the loop's quiet timer never gets its turn.
     fn accepted(&self, now: Instant) {
         if !self.exhausted.load(Ordering::Acquire) {
             return;
@@ -228,6 +230,7 @@ impl AcceptErrors {
         if let Some(ep) = self.episode().as_mut() {
             ep.recovered.get_or_insert(now);
         }
+        self.end_if_quiet(now);
     }
 
     /// When the episode in progress may be declared over, if there is one.
@@ -406,13 +409,19 @@ mod tests {
         assert!(errors.quiet_deadline().is_some());
         errors.end_if_quiet(at(3500));
         assert_eq!(errors.quiet_deadline(), None);
+        // A busy listener ends its episode on an accept once quiet long enough.
+        assert!(errors.failed(&emfile, at(4000)));
+        errors.accepted(at(4100));
+        assert!(errors.quiet_deadline().is_some());
+        errors.accepted(at(6000));
+        assert_eq!(errors.quiet_deadline(), None);
         // One connection's error is counted but neither backs off nor starts an episode.
         let aborted = io::Error::from(io::ErrorKind::ConnectionAborted);
         assert!(!errors.failed(&aborted, at(3600)));
         assert_eq!(errors.quiet_deadline(), None);
         let text = metrics.encode();
         for series in [
-            r#"gatehouse_accept_errors_total{listener="web",reason="emfile"} 2"#,
+            r#"gatehouse_accept_errors_total{listener="web",reason="emfile"} 3"#,
             r#"gatehouse_accept_errors_total{listener="web",reason="econnaborted"} 1"#,
         ] {
             assert!(text.contains(series), "{text}");
