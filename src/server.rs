@@ -414,6 +414,8 @@ impl Server {
         B: ServiceBody,
     {
         for (shared, socket) in &self.listeners {
+            // One per listener, so that an exhaustion episode is reported once, not once per worker.
+            let errors = listen::AcceptErrors::new(shared.name.clone(), shared.metrics.clone(), shared.debug.clone());
             for w in &workers {
                 let sock = socket
                     .try_clone()
@@ -421,9 +423,10 @@ impl Server {
                 let shared = shared.clone();
                 let limits = self.limits.clone();
                 let svc = svc.clone();
+                let errors = errors.clone();
                 w.spawn(async move {
                     match tokio::net::TcpListener::from_std(sock) {
-                        Ok(l) => listen::accept_loop(l, shared, limits, svc).await,
+                        Ok(l) => listen::accept_loop(listen::Acceptor::new(l, errors), shared, limits, svc).await,
                         Err(e) => tracing::error!(listener = %shared.name.0, error = %e, "cannot register listener"),
                     }
                 });

@@ -4,7 +4,7 @@
 pub mod client;
 mod reload;
 
-use crate::observe::{PeerFilter, Switch, SwitchSet};
+use crate::observe::{Name, PeerFilter, Switch, SwitchSet};
 use crate::ServerHandle;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -39,11 +39,11 @@ pub async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>) {
         }
     };
     let shutdown = admin.handle.trigger().subscribe();
-    loop {
-        let (tcp, _) = tokio::select! {
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-            _ = shutdown.forced() => return,
-        };
+    let h = &admin.handle;
+    // The admin API needs descriptors like any listener: out of them, it must wait, not spin.
+    let errors = crate::listen::AcceptErrors::new(Name(Arc::from("admin")), h.metrics.clone(), h.switches.clone());
+    let mut acceptor = crate::listen::Acceptor::new(listener, errors);
+    while let Some((tcp, _)) = acceptor.next(shutdown.forced()).await {
         let admin = admin.clone();
         tokio::task::spawn_local(async move {
             let svc = hyper::service::service_fn(move |req| {

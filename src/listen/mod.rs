@@ -1,9 +1,11 @@
 //! Listening sockets: binding, socket activation, the accept loop, and connection limits.
 
+mod acceptor;
 #[allow(unsafe_code)]
 pub mod inherit;
 mod limits;
 
+pub use acceptor::{AcceptErrors, Acceptor};
 pub use limits::{Admission, ConnLimits};
 
 use crate::conn::{serve_connection, ListenerShared};
@@ -11,7 +13,6 @@ use crate::http::{HttpService, ServiceBody};
 use crate::observe::Switch;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Kernel accept queue length: absorbs bursts while workers are busy (nginx uses 511).
 const BACKLOG: i32 = 1024;
@@ -65,67 +66,40 @@ pub fn bind(name: &str, address: SocketAddr) -> Result<std::net::TcpListener, Bi
 }
 
 /// Accepts connections until draining begins, serving each with `svc` on the current runtime.
-pub async fn accept_loop<S, B>(
-    listener: tokio::net::TcpListener,
-    shared: Arc<ListenerShared>,
-    limits: Arc<ConnLimits>,
-    svc: S,
-) where
+/// Accept errors never end the loop; [`Acceptor`] explains how each is handled.
+pub async fn accept_loop<S, B>(mut acceptor: Acceptor, shared: Arc<ListenerShared>, limits: Arc<ConnLimits>, svc: S)
+where
     S: HttpService<B>,
     B: ServiceBody,
 {
-    let mut backoff = Duration::ZERO;
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = shared.shutdown.draining() => break,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                backoff = Duration::ZERO;
-                shared
-                    .metrics
-                    .connections_accepted
-                    .get_or_create(&crate::observe::metrics::ListenerLabels {
-                        listener: shared.name.clone(),
-                    })
-                    .inc();
-                let permit = match limits.admit(peer.ip()) {
-                    Admission::Admitted(p) => p,
-                    Admission::Refused(reason) => {
-                        shared.metrics.rejected(&shared.name, reason);
-                        shared.debug.event(Switch::Accept, &shared.name.0, peer, || {
-                            format!("refused {peer}: {reason}")
-                        });
-                        drop(tcp);
-                        continue;
-                    }
-                };
-                shared
-                    .debug
-                    .event(Switch::Accept, &shared.name.0, peer, || format!("accepted {peer}"));
-                let shared = shared.clone();
-                let svc = svc.clone();
-                tokio::spawn(async move {
-                    serve_connection(tcp, peer, shared, svc).await;
-                    drop(permit);
+    while let Some((tcp, peer)) = acceptor.next(shared.shutdown.draining()).await {
+        shared
+            .metrics
+            .connections_accepted
+            .get_or_create(&crate::observe::metrics::ListenerLabels {
+                listener: shared.name.clone(),
+            })
+            .inc();
+        let permit = match limits.admit(peer.ip()) {
+            Admission::Admitted(p) => p,
+            Admission::Refused(reason) => {
+                shared.metrics.rejected(&shared.name, reason);
+                shared.debug.event(Switch::Accept, &shared.name.0, peer, || {
+                    format!("refused {peer}: {reason}")
                 });
+                drop(tcp);
+                continue;
             }
-            Err(e) => {
-                // Out of descriptors or memory: back off instead of spinning; the condition clears
-                // as connections close. Anything else concerns one connection only: carry on.
-                let resource = matches!(e.raw_os_error(), Some(23) | Some(24) | Some(12) | Some(105));
-                if resource {
-                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                    tracing::warn!(listener = %shared.name.0, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed for lack of resources; backing off");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shared.shutdown.draining() => break,
-                    }
-                }
-            }
-        }
+        };
+        shared
+            .debug
+            .event(Switch::Accept, &shared.name.0, peer, || format!("accepted {peer}"));
+        let shared = shared.clone();
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            serve_connection(tcp, peer, shared, svc).await;
+            drop(permit);
+        });
     }
     tracing::debug!(listener = %shared.name.0, "stopped accepting");
 }

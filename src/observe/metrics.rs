@@ -90,6 +90,7 @@ pub struct Metrics {
     pub connections_accepted: Family<ListenerLabels, Counter>,
     pub connections_rejected: Family<ReasonLabels, Counter>,
     pub connections_closed: Family<ReasonLabels, Counter>,
+    pub accept_errors: Family<ReasonLabels, Counter>,
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     pub alpn_fallback: Family<ReasonLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
@@ -111,6 +112,7 @@ impl Metrics {
             connections_accepted: Family::default(),
             connections_rejected: Family::default(),
             connections_closed: Family::default(),
+            accept_errors: Family::default(),
             tls_handshakes: Family::default(),
             alpn_fallback: Family::default(),
             requests: Family::default(),
@@ -137,6 +139,11 @@ impl Metrics {
             "connections_closed",
             "Connections closed, by close reason",
             m.connections_closed.clone(),
+        );
+        r.register(
+            "accept_errors",
+            "Failed accepts, by reason (emfile, enfile, enomem, enobufs: backed off; econnaborted, other)",
+            m.accept_errors.clone(),
         );
         r.register(
             "tls_handshakes",
@@ -213,6 +220,15 @@ impl Metrics {
 
     pub fn rejected(&self, listener: &Name, reason: &'static str) {
         self.connections_rejected
+            .get_or_create(&ReasonLabels {
+                listener: listener.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn accept_error(&self, listener: &Name, reason: &'static str) {
+        self.accept_errors
             .get_or_create(&ReasonLabels {
                 listener: listener.clone(),
                 reason,

@@ -11,7 +11,7 @@ pub enum Switch {
     Tls,
     /// Every connection open and close.
     Conn,
-    /// Every accepted and refused connection.
+    /// Every accepted and refused connection, and every failed accept.
     Accept,
 }
 
@@ -141,6 +141,17 @@ impl Switches {
             return;
         }
         tracing::info!(switch = switch.as_str(), listener, peer = %peer, "{}", message());
+    }
+
+    /// Like [`Switches::event`] for an event with no client address (a failed accept). A peer
+    /// filter cannot match it, so it is only written when no peer filter is set.
+    pub fn listener_event(&self, switch: Switch, listener: &str, message: impl FnOnce() -> String) {
+        let set = self.0.load();
+        if set.bits & switch.bit() == 0 || set.listener.as_deref().is_some_and(|l| l != listener) || set.peer.is_some()
+        {
+            return;
+        }
+        tracing::info!(switch = switch.as_str(), listener, "{}", message());
     }
 }
 

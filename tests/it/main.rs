@@ -8,6 +8,7 @@ mod cli;
 mod connections;
 mod dist;
 mod drain;
+mod exhaustion;
 mod malformed;
 mod protocols;
 mod reload;
