@@ -5,4 +5,5 @@ mod common;
 mod axum_example;
 mod cli;
 mod connections;
+mod h2_abuse;
 mod protocols;

@@ -1,6 +1,8 @@
 //! Shared test harness: real certificates, a real server on loopback, real clients.
 #![allow(dead_code)]
 
+pub mod h2raw;
+
 use gatehouse::config::{load_str, Findings};
 use gatehouse::route::{RouteTable, Router};
 use gatehouse::{Server, ServerHandle};
