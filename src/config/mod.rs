@@ -58,6 +58,15 @@ pub const DEFAULT_H2_MAX_FRAME_SIZE: Size = Size::kib(16);
 pub const DEFAULT_H2_KEEPALIVE_INTERVAL: Span = Span::secs(30);
 /// A peer that does not answer PING within 10s is gone.
 pub const DEFAULT_H2_KEEPALIVE_TIMEOUT: Span = Span::secs(10);
+/// Browsers send a handful of PING/SETTINGS/PRIORITY/RST_STREAM frames per page; 1000/s (burst
+/// 2000) is far above that and far below the rates of the 2019 ping/settings/reset flood attacks.
+pub const DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND: u32 = 1000;
+/// The h2 crate's default against rapid reset (CVE-2023-44487): streams reset before we accept them.
+pub const DEFAULT_H2_MAX_PENDING_RESET_STREAMS: u32 = 20;
+/// hyper's default against MadeYouReset: streams the server had to reset for the client's errors.
+pub const DEFAULT_H2_MAX_LOCAL_RESET_STREAMS: u32 = 1024;
+/// hyper's default per-stream send buffer: bounds memory a client that stops reading can pin.
+pub const DEFAULT_H2_MAX_SEND_BUFFER: Size = Size::kib(400);
 
 /// No delay by default: deregistration delay belongs to deployments with a load balancer.
 pub const DEFAULT_DRAIN_DELAY: Span = Span::secs(0);
@@ -271,6 +280,15 @@ pub struct Http2Config {
     pub max_frame_size: Size,
     pub keepalive_interval: Span,
     pub keepalive_timeout: Span,
+    /// Inbound PING, SETTINGS, PRIORITY, RST_STREAM, empty DATA and unknown frames per second
+    /// (burst twice that); beyond it the connection gets GOAWAY(ENHANCE_YOUR_CALM).
+    pub max_control_frames_per_second: u32,
+    /// Streams the client may reset before the server accepts them (rapid reset).
+    pub max_pending_reset_streams: u32,
+    /// Streams the server may reset for the client's protocol errors over a connection's life.
+    pub max_local_reset_streams: u32,
+    /// Bytes buffered for sending per stream before the handler is made to wait.
+    pub max_send_buffer: Size,
 }
 
 impl Default for Http2Config {
@@ -282,6 +300,10 @@ impl Default for Http2Config {
             max_frame_size: DEFAULT_H2_MAX_FRAME_SIZE,
             keepalive_interval: DEFAULT_H2_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_H2_KEEPALIVE_TIMEOUT,
+            max_control_frames_per_second: DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND,
+            max_pending_reset_streams: DEFAULT_H2_MAX_PENDING_RESET_STREAMS,
+            max_local_reset_streams: DEFAULT_H2_MAX_LOCAL_RESET_STREAMS,
+            max_send_buffer: DEFAULT_H2_MAX_SEND_BUFFER,
         }
     }
 }

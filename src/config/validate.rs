@@ -84,7 +84,7 @@ impl fmt::Display for Findings {
 }
 
 /// Switches named in SPEC.md that this build cannot emit yet; refused rather than silently ignored.
-const PENDING_SWITCHES: &[&str] = &["h2_frames", "h1_headers", "reload"];
+const PENDING_SWITCHES: &[&str] = &["h1_headers", "reload"];
 
 impl Config {
     /// Checks the configuration without touching the network. Certificates are checked separately.
@@ -329,11 +329,55 @@ impl Config {
                 "set durations such as \"30s\" and \"10s\"",
             );
         }
+        self.validate_h2_abuse_bounds(f);
         if self.shutdown.drain_timeout.is_zero() {
             f.error(
                 "shutdown.drain_timeout",
                 "is 0, so every in-flight request would be cut at shutdown",
                 "set a positive duration such as \"30s\"",
+            );
+        }
+    }
+
+    /// The HTTP/2 abuse bounds: each must exist (0 would disable the protection or every client).
+    fn validate_h2_abuse_bounds(&self, f: &mut Findings) {
+        let h = &self.http2;
+        if h.max_control_frames_per_second < 10 {
+            f.error(
+                "http2.max_control_frames_per_second",
+                format!(
+                    "{} would close ordinary clients: connection setup alone sends several SETTINGS, PING and WINDOW frames",
+                    h.max_control_frames_per_second
+                ),
+                "set at least 10 (default 1000)",
+            );
+        }
+        for (name, v, default) in [
+            (
+                "max_pending_reset_streams",
+                h.max_pending_reset_streams,
+                super::DEFAULT_H2_MAX_PENDING_RESET_STREAMS,
+            ),
+            (
+                "max_local_reset_streams",
+                h.max_local_reset_streams,
+                super::DEFAULT_H2_MAX_LOCAL_RESET_STREAMS,
+            ),
+        ] {
+            if v == 0 {
+                f.error(
+                    format!("http2.{name}"),
+                    "is 0, so the first reset stream would close the whole connection",
+                    format!("set a positive value (default {default})"),
+                );
+            }
+        }
+        let sb = h.max_send_buffer.get();
+        if sb < 16_384 || sb > u64::from(u32::MAX) {
+            f.error(
+                "http2.max_send_buffer",
+                format!("{} is outside 16KiB..4GiB", h.max_send_buffer),
+                "use a value in that range (default \"400KiB\")",
             );
         }
     }
@@ -603,6 +647,30 @@ path = "x"
         assert_eq!(severity("64KiB"), Some(super::Severity::Error));
         // Larger than max_header_bytes (16KiB): allowed, but it cannot take effect.
         assert_eq!(severity("32KiB"), Some(super::Severity::Warning));
+    }
+
+    #[test]
+    fn h2_abuse_bounds_must_be_positive() {
+        let c = load_str(
+            r#"
+[http2]
+max_control_frames_per_second = 0
+max_pending_reset_streams = 0
+max_local_reset_streams = 0
+max_send_buffer = "1KiB"
+"#,
+        )
+        .unwrap();
+        let f = c.validate();
+        let keys: Vec<_> = f.iter().map(|x| x.key.as_str()).collect();
+        for k in [
+            "http2.max_control_frames_per_second",
+            "http2.max_pending_reset_streams",
+            "http2.max_local_reset_streams",
+            "http2.max_send_buffer",
+        ] {
+            assert!(keys.contains(&k), "missing {k} in {keys:?}");
+        }
     }
 
     #[test]

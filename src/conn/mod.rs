@@ -2,6 +2,8 @@
 
 mod context;
 pub mod h2c;
+mod h2frames;
+mod h2watch;
 mod io;
 mod parse_error;
 mod registry;

@@ -1,5 +1,6 @@
 //! One connection from accept to close: TLS, protocol selection, serving, and the close reason.
 
+use super::h2watch::H2Watch;
 use super::io::MeteredIo;
 use super::watchdog::{self, Verdict};
 use super::{h2c, CloseReason, ConnInfo, ConnShared, ConnState, ListenerShared, Protocol};
@@ -290,10 +291,20 @@ where
         .max_frame_size(h.max_frame_size.as_u32())
         .keep_alive_interval(Some(h.keepalive_interval.get()))
         .keep_alive_timeout(h.keepalive_timeout.get())
-        .max_header_list_size(s.limits.max_header_bytes.as_u32());
+        .max_header_list_size(s.limits.max_header_bytes.as_u32())
+        .max_pending_accept_reset_streams(h.max_pending_reset_streams as usize)
+        .max_local_error_reset_streams(h.max_local_reset_streams as usize)
+        .max_send_buf_size(h.max_send_buffer.as_usize());
+    let (io, flooded) = H2Watch::new(io, conn.clone());
     let pipeline = Pipeline::new(svc, conn.clone());
     let hconn = b.serve_connection(TokioIo::new(io), pipeline);
-    drive(hconn, conn, protocol).await
+    let reason = drive(hconn, conn, protocol).await;
+    if flooded.get() {
+        // The watch sent GOAWAY(ENHANCE_YOUR_CALM) and failed the read; whatever hyper made of
+        // that, the connection ended on a limit.
+        return CloseReason::Limit;
+    }
+    reason
 }
 
 /// A hyper connection that can be asked to finish gracefully.
@@ -496,6 +507,10 @@ fn classify_error(e: &hyper::Error) -> CloseReason {
         if let Some(h2e) = s.downcast_ref::<h2::Error>() {
             if h2e.is_go_away() && h2e.is_remote() {
                 return CloseReason::ClientClosed;
+            }
+            if h2e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) {
+                // h2's own abuse bounds: rapid reset, MadeYouReset, CONTINUATION and HPACK floods.
+                return CloseReason::Limit;
             }
             if h2e.is_io() {
                 return CloseReason::IoError;

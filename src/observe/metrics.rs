@@ -66,6 +66,12 @@ pub struct TimeoutLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrameLabels {
+    pub listener: Name,
+    pub frame: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -100,6 +106,8 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     pub ready: Gauge,
     pub h2_goaway_sent: Family<ReasonLabels, Counter>,
+    pub h2_resets_sent: Family<ReasonLabels, Counter>,
+    pub h2_flood: Family<FrameLabels, Counter>,
     pub access_log_dropped: Counter,
     registry: Arc<PromRegistry>,
 }
@@ -122,6 +130,8 @@ impl Metrics {
             reloads: Family::default(),
             ready: Gauge::default(),
             h2_goaway_sent: Family::default(),
+            h2_resets_sent: Family::default(),
+            h2_flood: Family::default(),
             access_log_dropped: Counter::default(),
             registry: Arc::new(PromRegistry::default()),
         };
@@ -174,6 +184,16 @@ impl Metrics {
             "h2_goaway_sent",
             "HTTP/2 GOAWAY frames sent, by reason",
             m.h2_goaway_sent.clone(),
+        );
+        r.register(
+            "h2_resets_sent",
+            "HTTP/2 RST_STREAM frames sent, by error code",
+            m.h2_resets_sent.clone(),
+        );
+        r.register(
+            "h2_flood",
+            "HTTP/2 connections closed for exceeding max_control_frames_per_second, by the frame type that overflowed",
+            m.h2_flood.clone(),
         );
         r.register(
             "access_log_dropped",
@@ -241,6 +261,24 @@ impl Metrics {
             .get_or_create(&ReasonLabels {
                 listener: listener.clone(),
                 reason,
+            })
+            .inc();
+    }
+
+    pub fn h2_reset_sent(&self, listener: &Name, reason: &'static str) {
+        self.h2_resets_sent
+            .get_or_create(&ReasonLabels {
+                listener: listener.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn h2_flood(&self, listener: &Name, frame: &'static str) {
+        self.h2_flood
+            .get_or_create(&FrameLabels {
+                listener: listener.clone(),
+                frame,
             })
             .inc();
     }

@@ -13,15 +13,18 @@ pub enum Switch {
     Conn,
     /// Every accepted and refused connection, and every failed accept.
     Accept,
+    /// Every HTTP/2 frame head in both directions: type, flags, stream, length (and error code).
+    H2Frames,
 }
 
 impl Switch {
-    pub const ALL: [Switch; 3] = [Switch::Tls, Switch::Conn, Switch::Accept];
+    pub const ALL: [Switch; 4] = [Switch::Tls, Switch::Conn, Switch::Accept, Switch::H2Frames];
     pub fn as_str(self) -> &'static str {
         match self {
             Switch::Tls => "tls",
             Switch::Conn => "conn",
             Switch::Accept => "accept",
+            Switch::H2Frames => "h2_frames",
         }
     }
     pub fn parse(s: &str) -> Option<Switch> {
@@ -127,17 +130,17 @@ impl Switches {
     pub fn current(&self) -> SwitchSet {
         (**self.0.load()).clone()
     }
+    /// Whether `switch` is on for this listener and peer: lets hot paths skip per-item work.
+    pub fn enabled(&self, switch: Switch, listener: &str, peer: SocketAddr) -> bool {
+        let set = self.0.load();
+        set.bits & switch.bit() != 0
+            && set.listener.as_deref().is_none_or(|l| l == listener)
+            && set.peer.is_none_or(|p| p.matches(peer.ip()))
+    }
     /// Emits `message()` as an info event with a `switch` field when `switch` is on for this
     /// listener and peer. The message is only built when it will be written.
     pub fn event(&self, switch: Switch, listener: &str, peer: SocketAddr, message: impl FnOnce() -> String) {
-        let set = self.0.load();
-        if set.bits & switch.bit() == 0 {
-            return;
-        }
-        if set.listener.as_deref().is_some_and(|l| l != listener) {
-            return;
-        }
-        if set.peer.is_some_and(|p| !p.matches(peer.ip())) {
+        if !self.enabled(switch, listener, peer) {
             return;
         }
         tracing::info!(switch = switch.as_str(), listener, peer = %peer, "{}", message());

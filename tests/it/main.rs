@@ -9,6 +9,7 @@ mod connections;
 mod dist;
 mod drain;
 mod exhaustion;
+mod h2_abuse;
 mod malformed;
 mod protocols;
 mod reload;

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod h2raw;
 
 use gatehouse::config::{load_str, Findings};
 use gatehouse::route::{RouteTable, Router};
