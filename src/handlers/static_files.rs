@@ -1,6 +1,7 @@
 //! The `static` route handler: GET/HEAD of files under a root, with validators, conditionals and ranges.
 
 use crate::http::body::{FileBody, ResponseBody};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use std::io;
@@ -19,12 +20,18 @@ pub struct StaticFiles {
     root: PathBuf,
 }
 
+/// A resolved file: small ones already read, larger ones open and streamed.
+enum FileContent {
+    Small(Bytes),
+    Open(tokio::fs::File),
+}
+
 /// What a request path names, once resolved and confined to the root.
 enum Target {
     File {
         /// The path as requested (before symlinks), so the type follows the name the client asked for.
         name: PathBuf,
-        file: tokio::fs::File,
+        content: FileContent,
         size: u64,
         validators: Validators,
     },
@@ -87,10 +94,10 @@ impl StaticFiles {
         match self.resolve(rel_path, &segments).await {
             Ok(Target::File {
                 name,
-                file,
+                content,
                 size,
                 validators,
-            }) => respond_file(head, headers, &name, file, size, &validators),
+            }) => respond_file(head, headers, &name, content, size, &validators),
             Ok(Target::Redirect(location)) => {
                 let mut resp = Response::new(ResponseBody::empty());
                 *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
@@ -104,62 +111,88 @@ impl StaticFiles {
         }
     }
 
+    /// Resolves the request path in one trip to the blocking pool. Every file system call here
+    /// (canonicalize, metadata, open, fstat, and the read of a small file) blocks; as separate
+    /// `tokio::fs` calls each was its own round trip through the pool, which measured as most of
+    /// the CPU a small static response cost (see docs/performance.md).
     async fn resolve(&self, rel_path: &str, segments: &[String]) -> io::Result<Target> {
-        let mut name = self.root.clone();
-        name.extend(segments);
-        // "" is the route prefix itself; there is no last segment to redirect with, so it acts as "/".
-        let wants_dir = rel_path.is_empty() || rel_path.ends_with('/');
-
-        let Some((mut real, mut meta)) = self.confine(&name).await? else {
-            return Ok(Target::NotFound);
-        };
-        if meta.is_dir() {
-            if !wants_dir {
-                return Ok(redirect_to_dir(rel_path));
-            }
-            name.push("index.html");
-            // index.html may itself be a symlink, so it is confined like any other target.
-            match self.confine(&name).await? {
-                Some((r, m)) => (real, meta) = (r, m),
-                None => return Ok(Target::NotFound),
-            }
-        } else if wants_dir {
-            // A file addressed as a directory would make the client resolve relative links wrongly.
-            return Ok(Target::NotFound);
-        }
-        // Opening a FIFO or device could block or have side effects, so only regular files are opened.
-        if !meta.is_file() {
-            return Ok(Target::NotFound);
-        }
-        let file = tokio::fs::File::open(&real).await?;
-        // The file may have been swapped since the path was checked; the open handle's metadata is what is served.
-        let meta = file.metadata().await?;
-        if !meta.is_file() {
-            return Ok(Target::NotFound);
-        }
-        Ok(Target::File {
-            name,
-            file,
-            size: meta.len(),
-            validators: Validators::of(&meta, SystemTime::now()),
-        })
+        let root = self.root.clone();
+        let rel_path = rel_path.to_string();
+        let segments = segments.to_vec();
+        tokio::task::spawn_blocking(move || resolve_blocking(&root, &rel_path, &segments))
+            .await
+            .map_err(io::Error::other)?
     }
+}
 
-    /// The canonical path and metadata of `path`, or None if it resolves outside the root or does not exist.
-    async fn confine(&self, path: &Path) -> io::Result<Option<(PathBuf, std::fs::Metadata)>> {
-        let real = match tokio::fs::canonicalize(path).await {
-            Ok(real) => real,
-            Err(e) if is_not_found(&e) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        if !real.starts_with(&self.root) {
-            return Ok(None);
+/// Files up to this size are read whole during resolution and served from memory.
+const SMALL_FILE: u64 = 64 * 1024;
+
+fn resolve_blocking(root: &Path, rel_path: &str, segments: &[String]) -> io::Result<Target> {
+    let mut name = root.to_path_buf();
+    name.extend(segments);
+    // "" is the route prefix itself; there is no last segment to redirect with, so it acts as "/".
+    let wants_dir = rel_path.is_empty() || rel_path.ends_with('/');
+
+    let Some((mut real, mut meta)) = confine(root, &name)? else {
+        return Ok(Target::NotFound);
+    };
+    if meta.is_dir() {
+        if !wants_dir {
+            return Ok(redirect_to_dir(rel_path));
         }
-        match tokio::fs::metadata(&real).await {
-            Ok(meta) => Ok(Some((real, meta))),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(e),
+        name.push("index.html");
+        // index.html may itself be a symlink, so it is confined like any other target.
+        match confine(root, &name)? {
+            Some((r, m)) => (real, meta) = (r, m),
+            None => return Ok(Target::NotFound),
         }
+    } else if wants_dir {
+        // A file addressed as a directory would make the client resolve relative links wrongly.
+        return Ok(Target::NotFound);
+    }
+    // Opening a FIFO or device could block or have side effects, so only regular files are opened.
+    if !meta.is_file() {
+        return Ok(Target::NotFound);
+    }
+    let file = std::fs::File::open(&real)?;
+    // The file may have been swapped since the path was checked; the open handle's metadata is what is served.
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(Target::NotFound);
+    }
+    let validators = Validators::of(&meta, SystemTime::now());
+    let (content, size) = if meta.len() <= SMALL_FILE {
+        let mut buf = Vec::with_capacity(meta.len() as usize);
+        // A file shrinking under us is served as what could be read, so Content-Length stays true.
+        io::Read::read_to_end(&mut io::Read::take(&file, meta.len()), &mut buf)?;
+        let size = buf.len() as u64;
+        (FileContent::Small(Bytes::from(buf)), size)
+    } else {
+        (FileContent::Open(tokio::fs::File::from_std(file)), meta.len())
+    };
+    Ok(Target::File {
+        name,
+        content,
+        size,
+        validators,
+    })
+}
+
+/// The canonical path and metadata of `path`, or None if it resolves outside the root or does not exist.
+fn confine(root: &Path, path: &Path) -> io::Result<Option<(PathBuf, std::fs::Metadata)>> {
+    let real = match std::fs::canonicalize(path) {
+        Ok(real) => real,
+        Err(e) if is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !real.starts_with(root) {
+        return Ok(None);
+    }
+    match std::fs::metadata(&real) {
+        Ok(meta) => Ok(Some((real, meta))),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -240,7 +273,7 @@ fn respond_file(
     head: bool,
     headers: &HeaderMap,
     name: &Path,
-    file: tokio::fs::File,
+    content: FileContent,
     size: u64,
     validators: &Validators,
 ) -> Response<ResponseBody> {
@@ -290,7 +323,10 @@ fn respond_file(
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if !head && len > 0 {
-        *resp.body_mut() = ResponseBody::File(FileBody::new(file, start, len));
+        *resp.body_mut() = match content {
+            FileContent::Small(bytes) => ResponseBody::full(bytes.slice(start as usize..(start + len) as usize)),
+            FileContent::Open(file) => ResponseBody::File(FileBody::new(file, start, len)),
+        };
     }
     resp
 }
