@@ -124,40 +124,15 @@ impl TestServer {
     /// Starts a server from `toml` (listeners should use port 0). `{dir}` in the text is replaced
     /// by a fresh temp directory, which also holds the access log and state.
     pub async fn start(toml: &str) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
-        let text = toml.replace("{dir}", dir.path().to_str().unwrap());
-        let mut config = load_str(&text).unwrap_or_else(|e| panic!("test config does not parse: {e}\n{text}"));
-        let access_log = dir.path().join("access.log");
-        if config.log.access_log == "stdout" {
-            config.log.access_log = access_log.to_string_lossy().into_owned();
-        }
-        config.server.state_dir = dir.path().join("state");
-        config.admin.address = String::new();
+        let (dir, access_log, config) = test_config(toml);
         let mut f = Findings::default();
         let table = RouteTable::build(&config, &mut f);
         assert!(!f.has_errors(), "{f}");
         let router = Router::new(table);
         let server = Server::bind(config)
             .unwrap_or_else(|e| panic!("server did not start: {e}"))
-            .with_config_routes(&router)
-            .without_signal_handling();
-        let addrs = server
-            .config()
-            .listeners
-            .iter()
-            .map(|l| (l.name.clone(), server.local_addr(&l.name).unwrap()))
-            .collect();
-        let handle = server.handle();
-        let task = tokio::spawn(async move {
-            server.serve(router).await.unwrap();
-        });
-        TestServer {
-            handle,
-            addrs,
-            access_log,
-            dir,
-            task,
-        }
+            .with_config_routes(&router);
+        Self::spawn(server, router, dir, access_log)
     }
 
     /// Like `start`, with `svc` answering every request instead of the configured routes (tests
@@ -167,18 +142,17 @@ impl TestServer {
         S: gatehouse::HttpService<B>,
         B: gatehouse::ServiceBody,
     {
-        let dir = tempfile::tempdir().unwrap();
-        let text = toml.replace("{dir}", dir.path().to_str().unwrap());
-        let mut config = load_str(&text).unwrap_or_else(|e| panic!("test config does not parse: {e}\n{text}"));
-        let access_log = dir.path().join("access.log");
-        if config.log.access_log == "stdout" {
-            config.log.access_log = access_log.to_string_lossy().into_owned();
-        }
-        config.server.state_dir = dir.path().join("state");
-        config.admin.address = String::new();
-        let server = Server::bind(config)
-            .unwrap_or_else(|e| panic!("server did not start: {e}"))
-            .without_signal_handling();
+        let (dir, access_log, config) = test_config(toml);
+        let server = Server::bind(config).unwrap_or_else(|e| panic!("server did not start: {e}"));
+        Self::spawn(server, svc, dir, access_log)
+    }
+
+    fn spawn<S, B>(server: Server, svc: S, dir: tempfile::TempDir, access_log: PathBuf) -> TestServer
+    where
+        S: gatehouse::HttpService<B>,
+        B: gatehouse::ServiceBody,
+    {
+        let server = server.without_signal_handling();
         let addrs = server
             .config()
             .listeners
@@ -266,4 +240,19 @@ pub fn wait_exit(child: &mut std::process::Child, timeout: std::time::Duration) 
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// Parses a test config: `{dir}` becomes a fresh temp dir holding state and the access log; the
+/// admin API is off (tests read metrics through the handle).
+fn test_config(toml: &str) -> (tempfile::TempDir, PathBuf, gatehouse::Config) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = toml.replace("{dir}", dir.path().to_str().unwrap());
+    let mut config = load_str(&text).unwrap_or_else(|e| panic!("test config does not parse: {e}\n{text}"));
+    let access_log = dir.path().join("access.log");
+    if config.log.access_log == "stdout" {
+        config.log.access_log = access_log.to_string_lossy().into_owned();
+    }
+    config.server.state_dir = dir.path().join("state");
+    config.admin.address = String::new();
+    (dir, access_log, config)
 }
