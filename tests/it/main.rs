@@ -13,5 +13,6 @@ mod h2_abuse;
 mod malformed;
 mod protocols;
 mod reload;
+mod resilience;
 mod systemd;
 mod timeouts;

@@ -224,13 +224,21 @@ impl TrafficClasses {
         ClassId(found.unwrap_or(classes.len() - 1))
     }
 
+    /// The class `id` names; a stale id (from the classes before a reload) is the standard
+    /// class rather than a panic.
+    fn class(&self, id: ClassId) -> (usize, &Class) {
+        let classes = &self.shared.classes;
+        let index = if id.0 < classes.len() { id.0 } else { classes.len() - 1 };
+        (index, &classes[index])
+    }
+
     pub fn name(&self, id: ClassId) -> &Arc<str> {
-        &self.shared.classes[id.0].name
+        &self.class(id).1.name
     }
 
     /// The global admission threshold of a class (for `doctor` and tests).
     pub fn threshold(&self, id: ClassId) -> usize {
-        self.shared.classes[id.0].global_threshold
+        self.class(id).1.global_threshold
     }
 
     /// Requests in flight, all classes.
@@ -241,7 +249,7 @@ impl TrafficClasses {
     /// Admits a request of class `id`, or says why not. `upstream_saturated` is the caller's
     /// signal that the chosen upstream cannot take more (its pool is at its limit).
     pub fn admit(&self, id: ClassId, upstream_saturated: bool) -> Result<InFlight, Shed> {
-        let class = &self.shared.classes[id.0];
+        let (index, class) = self.class(id);
         let shed = |reason| Shed {
             class: Arc::clone(&class.name),
             reason,
@@ -267,7 +275,7 @@ impl TrafficClasses {
         }
         Ok(InFlight {
             shared: Arc::clone(&self.shared),
-            class: id.0,
+            class: index,
         })
     }
 }
@@ -309,6 +317,11 @@ mod tests {
         assert_eq!(&**tc.name(tc.classify(&headers(Some("bulk")))), "bulk");
         assert_eq!(&**tc.name(tc.classify(&headers(Some("Premium")))), STANDARD);
         assert_eq!(&**tc.name(tc.classify(&headers(None))), STANDARD);
+        // An id from the classes before a reload is the standard class, not a panic.
+        let stale_id = tc.classify(&headers(Some("bulk")));
+        let reloaded = TrafficClasses::new(&[], 0);
+        assert_eq!(&**reloaded.name(stale_id), STANDARD);
+        assert!(reloaded.admit(stale_id, false).is_ok());
     }
 
     #[test]

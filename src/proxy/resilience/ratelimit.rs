@@ -17,7 +17,9 @@
 //!   if the table is still full, the new key shares a single `overflow` bucket with every other
 //!   key that did not fit, which is logged. Overflowing keys are thus still limited, as a group:
 //!   neither unlimited (a flood of random keys would then switch limiting off) nor refused
-//!   outright (which would lock out every new client while the table is full).
+//!   outright (which would lock out every new client while the table is full). The check and
+//!   the insertion are two steps, so requests for new keys racing on different threads can
+//!   exceed the cap by at most the number of threads: still a bound.
 //! - **Headers**: draft-ietf-httpapi-ratelimit-headers-10 (the current draft, whose form has
 //!   been stable since -08): `RateLimit-Policy: "NAME";q=COUNT;w=SECONDS` states the configured
 //!   rate, and `RateLimit: "NAME";r=REMAINING;t=SECONDS` the requests that would pass now and
