@@ -432,7 +432,7 @@ impl Record {
         };
         if let (Some(span), Some(tracer)) = (self.span.take(), &listener.tracer) {
             tracer.finish(
-                span,
+                *span,
                 SpanEnd {
                     status: self.status,
                     error,

@@ -180,11 +180,11 @@ impl Tracer {
     }
 
     /// Ends `span` with the request's outcome and queues it; a full queue drops it (counted).
-    pub fn finish(&self, span: Box<RequestSpan>, end: SpanEnd<'_>) {
+    pub fn finish(&self, span: RequestSpan, end: SpanEnd<'_>) {
         let RequestSpan {
             buf: Some((mut b, start)),
             ..
-        } = *span
+        } = span
         else {
             return;
         };
