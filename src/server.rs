@@ -21,7 +21,7 @@ use crate::conn::{ConnSettings, ListenerShared, ProtocolPolicy, Registry};
 use crate::http::{HttpService, ServiceBody};
 use crate::lifecycle::{Live, Phase, ReloadError, ReloadHook, ReloadReport, ShutdownTrigger, Signals};
 use crate::listen::{self, BindError, ConnLimits};
-use crate::observe::{AccessLog, Metrics, Name, Switches};
+use crate::observe::{otel, AccessLog, Metrics, Name, Switches, Tracer};
 use crate::route::Router;
 use crate::tls::TlsServer;
 use arc_swap::ArcSwap;
@@ -171,6 +171,8 @@ pub struct Server {
     limits: Arc<ConnLimits>,
     handle: ServerHandle,
     signals: bool,
+    /// The OTLP exporter, started with serving (it needs the runtime) when `[tracing]` is on.
+    exporter: Option<otel::Exporter>,
 }
 
 impl Server {
@@ -197,6 +199,15 @@ impl Server {
             StartError::Invalid(f)
         })?;
         let access_log = Arc::new(access_log);
+        let (tracer, exporter) = match Tracer::from_config(&c.tracing, metrics.trace.clone()) {
+            Ok(Some((tracer, exporter))) => (Some(tracer), Some(exporter)),
+            Ok(None) => (None, None),
+            Err(problem) => {
+                let mut f = Findings::default();
+                f.error("tracing.otlp_endpoint", problem, "");
+                return Err(StartError::Invalid(f));
+            }
+        };
         let settings = Arc::new(ConnSettings {
             timeouts: c.timeouts.clone(),
             limits: c.limits.clone(),
@@ -224,6 +235,7 @@ impl Server {
                 registry: registry.clone(),
                 shutdown: shutdown.clone(),
                 debug: switches.clone(),
+                tracer: tracer.clone(),
             });
             listeners.push((shared, socket));
         }
@@ -250,6 +262,7 @@ impl Server {
             limits,
             handle,
             signals: true,
+            exporter,
         })
     }
 
@@ -432,6 +445,14 @@ impl Server {
                 });
             }
         }
+        let export = self.exporter.map(|e| {
+            tracing::info!(
+                endpoint = %e.endpoint().url(),
+                sample_ratio = self.prepared.config.tracing.sample_ratio,
+                "tracing: exporting request spans over OTLP/HTTP"
+            );
+            e.spawn()
+        });
         let listener_count = self.listeners.len();
         drop(self.listeners);
         let handle = self.handle.clone();
@@ -529,6 +550,10 @@ impl Server {
             "drained: {} connection(s) at start, {} closed by the deadline",
             report.open_at_start, report.forced
         ));
+        // Every request has ended, so every span is queued: send them (bounded) before returning.
+        if let Some(export) = export {
+            export.flush_and_stop().await;
+        }
         Ok(())
     }
 }

@@ -4,10 +4,12 @@
 //! reject unknown keys, so a misspelt key is an error rather than a silent no-op.
 
 mod load;
+mod telemetry;
 mod units;
 mod validate;
 
 pub use load::{load, load_str, ConfigSource, LoadError};
+pub use telemetry::TracingConfig;
 pub use units::{Size, Span};
 pub use validate::{Finding, Findings, Severity};
 
@@ -437,14 +439,6 @@ pub struct DebugConfig {
     pub switches: Vec<String>,
     pub listener: Option<String>,
     pub peer: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct TracingConfig {
-    pub otlp_endpoint: Option<String>,
-    pub service_name: Option<String>,
-    pub sample_ratio: Option<f64>,
 }
 
 impl Config {

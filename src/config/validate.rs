@@ -584,13 +584,7 @@ impl Config {
                 );
             }
         }
-        if self.tracing.otlp_endpoint.is_some() {
-            f.error(
-                "tracing.otlp_endpoint",
-                "OpenTelemetry export is not available in this build",
-                "remove [tracing] otlp_endpoint",
-            );
-        }
+        self.tracing.validate(f);
     }
 }
 

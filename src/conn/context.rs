@@ -47,6 +47,8 @@ pub struct ListenerShared {
     pub registry: Arc<Registry>,
     pub shutdown: Shutdown,
     pub debug: crate::observe::Switches,
+    /// Set when `[tracing]` exports spans; `None` costs requests nothing but this test.
+    pub tracer: Option<crate::observe::Tracer>,
 }
 
 /// One connection's shared state: what its request pipeline and its task both see.

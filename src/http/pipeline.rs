@@ -5,7 +5,7 @@
 //! handler panics and errors into a 500 for that request alone, bounds the whole handling with the
 //! `request` timeout (504), answers for a request body that failed (413, 408, 400), intercepts
 //! `Upgrade: h2c`, and records the request when its response body ends: metrics, access log,
-//! connection state. On HTTP/2 the response body also tells the watchdog when it waits on the
+//! connection state, trace span. On HTTP/2 the response body also tells the watchdog when it waits on the
 //! peer's flow-control window, which is how the `write` timeout sees a zero-window stall.
 
 use super::body::BoxError;
@@ -15,6 +15,7 @@ use super::{HttpService, ServiceBody};
 use crate::conn::{h2c, CloseReason, ConnInfo, ConnShared, PendingH2c, Protocol};
 use crate::observe::access_log::{json_num, json_str, now_rfc3339};
 use crate::observe::metrics::{method_label, ListenerLabels, ProtocolLabels, RequestLabels};
+use crate::observe::otel::{RequestSpan, SpanEnd};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -29,6 +30,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 /// Per-request facts a handler can read from the request's extensions.
+///
+/// While `[tracing]` is on, the extensions also hold the request's
+/// [`TraceContext`](crate::observe::TraceContext), to forward on calls made for it.
 #[derive(Clone, Debug)]
 pub struct RequestContext {
     pub conn: Arc<ConnInfo>,
@@ -143,6 +147,9 @@ where
             conn: conn.info.clone(),
             seq,
         });
+        if let Some(span) = &record.span {
+            parts.extensions.insert(span.ctx.clone());
+        }
         let req = Request::from_parts(parts, body);
 
         let mut svc = self.svc.clone();
@@ -333,6 +340,8 @@ struct Record {
     bytes_out: u64,
     body: Arc<BodyState>,
     complete_if_dropped: bool,
+    /// Only while `[tracing]` is on.
+    span: Option<Box<RequestSpan>>,
 }
 
 impl Record {
@@ -358,6 +367,10 @@ impl Record {
         } else {
             (String::new(), String::new())
         };
+        let span = conn.listener.tracer.as_ref().map(|t| {
+            let req_id = format!("{}-{seq}", conn.info.id);
+            t.start(parts, &conn.info, &req_id, log.redactor())
+        });
         drop(log);
         Record {
             protocol: conn.info.protocol(),
@@ -372,6 +385,7 @@ impl Record {
             bytes_out: 0,
             body,
             complete_if_dropped: false,
+            span,
         }
     }
 
@@ -407,9 +421,28 @@ impl Record {
         resp
     }
 
-    fn finish(self, aborted: bool) {
+    fn finish(mut self, aborted: bool) {
         let listener = &self.conn.listener;
         let elapsed = self.started.elapsed();
+        let error = match (self.error, aborted) {
+            (Some(e), _) => Some(e),
+            (None, true) if self.conn.close_cause.get() == Some(&CloseReason::WriteTimeout) => Some("timeout:write"),
+            (None, true) => Some("response_aborted"),
+            _ => None,
+        };
+        if let (Some(span), Some(tracer)) = (self.span.take(), &listener.tracer) {
+            tracer.finish(
+                *span,
+                SpanEnd {
+                    status: self.status,
+                    error,
+                    aborted,
+                    elapsed,
+                    bytes_in: self.body.bytes(),
+                    bytes_out: self.bytes_out,
+                },
+            );
+        }
         let protocol = self.protocol.as_str();
         listener
             .metrics
@@ -454,13 +487,8 @@ impl Record {
                 "duration_ms",
                 format_args!("{:.3}", elapsed.as_secs_f64() * 1000.0),
             );
-            match (self.error, aborted) {
-                (Some(e), _) => json_str(&mut line, "error", e),
-                (None, true) if self.conn.close_cause.get() == Some(&CloseReason::WriteTimeout) => {
-                    json_str(&mut line, "error", "timeout:write")
-                }
-                (None, true) => json_str(&mut line, "error", "response_aborted"),
-                _ => {}
+            if let Some(e) = error {
+                json_str(&mut line, "error", e);
             }
             line.pop();
             line.push('}');

@@ -109,6 +109,7 @@ pub struct Metrics {
     pub h2_resets_sent: Family<ReasonLabels, Counter>,
     pub h2_flood: Family<FrameLabels, Counter>,
     pub access_log_dropped: Counter,
+    pub trace: crate::observe::otel::TraceMetrics,
     registry: Arc<PromRegistry>,
 }
 
@@ -133,6 +134,7 @@ impl Metrics {
             h2_resets_sent: Family::default(),
             h2_flood: Family::default(),
             access_log_dropped: Counter::default(),
+            trace: Default::default(),
             registry: Arc::new(PromRegistry::default()),
         };
         r.register(
@@ -200,6 +202,7 @@ impl Metrics {
             "Access log lines dropped because the sink was too slow",
             m.access_log_dropped.clone(),
         );
+        m.trace.register(&mut r);
         r.register_collector(Box::new(OpenConnections { conns }));
         Metrics {
             registry: Arc::new(r),

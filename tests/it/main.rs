@@ -16,3 +16,4 @@ mod reload;
 mod resilience;
 mod systemd;
 mod timeouts;
+mod tracing;
