@@ -414,7 +414,11 @@ mod tests {
         // An older server without the endpoint.
         let e = upgrade_outcome("a", StatusCode::NOT_FOUND, b"not found\n").unwrap_err();
         assert_eq!(e.code, 1);
-        assert!(e.message.contains("answered 404 to POST /upgrade: not found"), "{}", e.message);
+        assert!(
+            e.message.contains("answered 404 to POST /upgrade: not found"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -213,7 +213,8 @@ impl Upgrader {
                 count("ok");
                 self.set_state(State::HandedOver { pid });
                 tracing::info!(pid, previous_pid, exe = %launch.exe.display(), "binary upgrade: pid {pid} is serving; handing over and draining this process");
-                crate::lifecycle::systemd::notifier().main_pid(pid, &format!("upgraded: pid {pid} took over from {previous_pid}"));
+                crate::lifecycle::systemd::notifier()
+                    .main_pid(pid, &format!("upgraded: pid {pid} took over from {previous_pid}"));
                 // The new process accepts on every socket already; this table's copies only keep
                 // them open here.
                 self.sockets.lock().clear();
@@ -386,7 +387,8 @@ mod tests {
         let fds = table.for_child().unwrap();
         assert_eq!(fds.len(), 2, "an insert for the same role replaces the earlier one");
         for (_, fd) in &fds {
-            assert!(!socket2::SockRef::from(fd).is_cloexec().unwrap());
+            let flags = rustix::io::fcntl_getfd(fd).unwrap();
+            assert!(!flags.contains(rustix::io::FdFlags::CLOEXEC));
             assert_ne!(fd.as_raw_fd(), l.as_raw_fd());
         }
         table.remove(&Role::Admin);

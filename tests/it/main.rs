@@ -15,3 +15,4 @@ mod protocols;
 mod reload;
 mod systemd;
 mod timeouts;
+mod upgrade;

@@ -72,9 +72,7 @@ pub fn parse(text: &str) -> Result<Vec<(Role, RawFd)>, String> {
         return Ok(out);
     }
     for item in text.split(',') {
-        let (name, fd) = item
-            .split_once('=')
-            .ok_or_else(|| format!("`{item}` is not NAME=FD"))?;
+        let (name, fd) = item.split_once('=').ok_or_else(|| format!("`{item}` is not NAME=FD"))?;
         let fd: RawFd = fd
             .trim()
             .parse()
@@ -182,7 +180,13 @@ impl Handover {
             return None;
         }
         let from = parent;
-        let mut bad = |message: String| findings.error(FDS_VAR, message, "start upgrades with `gatehouse upgrade` or SIGUSR2, not by hand");
+        let mut bad = |message: String| {
+            findings.error(
+                FDS_VAR,
+                message,
+                "start upgrades with `gatehouse upgrade` or SIGUSR2, not by hand",
+            )
+        };
         let entries = match parse(&fds) {
             Ok(e) => e,
             Err(why) => {
@@ -194,7 +198,10 @@ impl Handover {
             None => None,
             Some(Ok(fd)) if fd >= 3 && !entries.iter().any(|(_, f)| *f == fd) => Some(fd),
             Some(_) => {
-                bad(format!("{READY_FD_VAR} `{}` is not a free descriptor number", ready.unwrap_or_default()));
+                bad(format!(
+                    "{READY_FD_VAR} `{}` is not a free descriptor number",
+                    ready.unwrap_or_default()
+                ));
                 return None;
             }
         };
@@ -203,7 +210,10 @@ impl Handover {
         let channel = match channel.transpose() {
             Ok(c) => c,
             Err(why) => {
-                bad(format!("{READY_FD_VAR} descriptor {} {why}", ready_fd.unwrap_or_default()));
+                bad(format!(
+                    "{READY_FD_VAR} descriptor {} {why}",
+                    ready_fd.unwrap_or_default()
+                ));
                 None
             }
         };
@@ -212,7 +222,11 @@ impl Handover {
             .zip(sockets)
             .map(|((role, fd), socket)| Some(Passed { role, fd, socket }))
             .collect();
-        tracing::info!(from, sockets = numbers.len(), "binary upgrade: taking over from pid {from}");
+        tracing::info!(
+            from,
+            sockets = numbers.len(),
+            "binary upgrade: taking over from pid {from}"
+        );
         Some(Handover {
             from,
             passed,
@@ -288,7 +302,10 @@ impl Handover {
             Err(why) => {
                 findings.error(
                     key,
-                    format!("socket fd {} handed over for {} by pid {} {why}", p.fd, p.role, self.from),
+                    format!(
+                        "socket fd {} handed over for {} by pid {} {why}",
+                        p.fd, p.role, self.from
+                    ),
                     "this is a bug in the old process; restart gatehouse instead of upgrading",
                 );
                 None
