@@ -62,8 +62,31 @@ pub fn check(path: Option<&Path>) -> Result<String, Exit> {
     Ok(out)
 }
 
-/// `gatehouse serve`: validates everything, binds, serves until SIGTERM/SIGINT, drains.
+/// `gatehouse serve`: validates everything, binds, serves until SIGTERM/SIGINT, drains. Started
+/// by a binary upgrade, it takes over the old process's sockets and tells it how the start went.
 pub fn serve(path: Option<&Path>) -> Result<(), Exit> {
+    // First, before any thread exists (it edits the environment), and before the configuration
+    // is read, so that a configuration that does not load is reported to the old process too.
+    let launch = crate::lifecycle::upgrade::Launch::current();
+    let mut findings = Findings::default();
+    let mut handover = crate::lifecycle::upgrade::Handover::from_env(&mut findings);
+    let report = handover.as_ref().map(|h| h.report());
+    let result = if findings.has_errors() {
+        Err(StartError::Invalid(findings).into())
+    } else {
+        serve_with(path, launch, handover.as_mut())
+    };
+    if let (Err(e), Some(report)) = (&result, report) {
+        report.failed(&e.message);
+    }
+    result
+}
+
+fn serve_with(
+    path: Option<&Path>,
+    launch: std::io::Result<crate::lifecycle::upgrade::Launch>,
+    mut handover: Option<&mut crate::lifecycle::upgrade::Handover>,
+) -> Result<(), Exit> {
     let (config, source) = load(path)?;
     let mut prepared = prepare(config)?;
     let mut route_findings = Findings::default();
@@ -81,10 +104,18 @@ pub fn serve(path: Option<&Path>) -> Result<(), Exit> {
                 code: 78,
                 message: format!("admin.address `{a}` is not an address"),
             })?;
-            Some(crate::admin::bind(addr).map_err(|e| Exit {
-                code: 69,
-                message: e.to_string(),
-            })?)
+            let mut findings = Findings::default();
+            let adopted = handover.as_deref_mut().and_then(|h| h.adopt_admin(addr, &mut findings));
+            if findings.has_errors() {
+                return Err(StartError::Invalid(findings).into());
+            }
+            match adopted {
+                Some(l) => Some(l),
+                None => Some(crate::admin::bind(addr).map_err(|e| Exit {
+                    code: 69,
+                    message: e.to_string(),
+                })?),
+            }
         }
     };
     let token = match &prepared.config.admin.token_file {
@@ -113,9 +144,33 @@ pub fn serve(path: Option<&Path>) -> Result<(), Exit> {
         .collect();
     let workers = prepared.config.server.workers;
     let router = Router::new(table);
-    let server = Server::bind_prepared(prepared)?
-        .with_config_source(source.clone())
-        .with_config_routes(&router);
+    let server = match handover {
+        Some(h) => {
+            let server = Server::bind_handed_over(prepared, h)?;
+            h.close_unused();
+            server
+        }
+        None => Server::bind_prepared(prepared)?,
+    }
+    .with_config_source(source.clone())
+    .with_config_routes(&router);
+    let server = match launch {
+        Ok(launch) => server.with_upgrade(launch),
+        Err(e) => {
+            eprintln!("warning: binary upgrade is unavailable: cannot tell which executable this is: {e}");
+            server
+        }
+    };
+    if let Some(l) = &admin_listener {
+        server
+            .handle()
+            .listening_sockets()
+            .insert(crate::lifecycle::upgrade::Role::Admin, l)
+            .map_err(|e| Exit {
+                code: 1,
+                message: format!("cannot keep the admin API's socket for upgrades: {e}"),
+            })?;
+    }
     eprintln!("gatehouse {} serving ({source})", env!("CARGO_PKG_VERSION"));
     eprint!("{}", server.protocol_table());
     for (name, cert) in &self_signed {
@@ -129,7 +184,7 @@ pub fn serve(path: Option<&Path>) -> Result<(), Exit> {
     if let Some(l) = &admin_listener {
         if let Ok(a) = l.local_addr() {
             eprintln!(
-                "admin API: http://{a}/ (healthz, readyz, metrics, debug/connections, debug/switches, config, reload)"
+                "admin API: http://{a}/ (healthz, readyz, metrics, debug/connections, debug/switches, config, reload, upgrade)"
             );
         }
     }
@@ -151,6 +206,21 @@ const RELOAD_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// Exit 0 when applied, 78 when refused as invalid, 69 when the server cannot be reached or
 /// cannot reload now. `admin` wins over `[admin] address` from `path` (or the default file).
 pub fn reload(admin: Option<&str>, path: Option<&Path>, token_file: Option<&Path>) -> Result<String, Exit> {
+    let (address, answer) = admin_post(admin, path, token_file, "/reload", "SIGHUP", |_| RELOAD_ANSWER_TIMEOUT)?;
+    reload_outcome(&address, answer.status, &answer.body)
+}
+
+/// `POST path` to a running server's admin API, found as `gatehouse reload` documents; `signal`
+/// is the alternative to suggest when the admin API is off, `timeout` how long to wait for the
+/// answer given the configuration file (when one was read). Returns the address and the answer.
+fn admin_post(
+    admin: Option<&str>,
+    path: Option<&Path>,
+    token_file: Option<&Path>,
+    endpoint: &str,
+    signal: &str,
+    timeout: impl FnOnce(Option<&config::Config>) -> std::time::Duration,
+) -> Result<(String, crate::admin::client::Answer), Exit> {
     use crate::admin::client;
     let unavailable = |message: String| Exit { code: 69, message };
     // The file gives the address and the token unless flags do; with --admin and no -c it is
@@ -164,10 +234,11 @@ pub fn reload(admin: Option<&str>, path: Option<&Path>, token_file: Option<&Path
         None => config.as_ref().map(|c| c.admin.address.clone()).unwrap_or_default(),
     };
     if address.is_empty() {
-        return Err(unavailable(
-            "the admin API is turned off ([admin] address = \"\"); send SIGHUP to the server instead".into(),
-        ));
+        return Err(unavailable(format!(
+            "the admin API is turned off ([admin] address = \"\"); send {signal} to the server instead"
+        )));
     }
+    let timeout = timeout(config.as_ref());
     let token_file = token_file
         .map(Path::to_path_buf)
         .or_else(|| config.and_then(|c| c.admin.token_file));
@@ -193,17 +264,64 @@ pub fn reload(admin: Option<&str>, path: Option<&Path>, token_file: Option<&Path
     let answer = rt
         .block_on(async {
             let addr = client::resolve(&address).await?;
-            client::request(
-                addr,
-                http::Method::POST,
-                "/reload",
-                token.as_deref(),
-                RELOAD_ANSWER_TIMEOUT,
-            )
-            .await
+            client::request(addr, http::Method::POST, endpoint, token.as_deref(), timeout).await
         })
         .map_err(|e| unavailable(e.to_string()))?;
-    reload_outcome(&address, answer.status, &answer.body)
+    Ok((address, answer))
+}
+
+/// `gatehouse upgrade`: asks a running server, through its admin API, to start its binary anew
+/// and hand over. Exit 0 once the new process serves, 1 when it failed (the server keeps serving;
+/// the message says why), 69 when the server cannot be reached or cannot upgrade now.
+pub fn upgrade(admin: Option<&str>, path: Option<&Path>, token_file: Option<&Path>) -> Result<String, Exit> {
+    let (address, answer) = admin_post(admin, path, token_file, "/upgrade", "SIGUSR2", |c| {
+        // The server bounds the wait by its upgrade_timeout (this file may not be the server's,
+        // so never less than the default); then allow for stopping a new process that hung.
+        c.map(|c| c.shutdown.upgrade_timeout.get())
+            .unwrap_or(config::DEFAULT_UPGRADE_TIMEOUT.get())
+            .max(config::DEFAULT_UPGRADE_TIMEOUT.get())
+            + UPGRADE_ANSWER_MARGIN
+    })?;
+    upgrade_outcome(&address, answer.status, &answer.body)
+}
+
+/// Beyond the server's own upgrade_timeout: time to stop and reap a new process that hung.
+const UPGRADE_ANSWER_MARGIN: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Turns the admin API's answer to `POST /upgrade` into the command's output and exit code.
+fn upgrade_outcome(address: &str, status: http::StatusCode, body: &[u8]) -> Result<String, Exit> {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let reason = v["reason"].as_str().unwrap_or("").trim_end();
+    match status.as_u16() {
+        200 => Ok(format!(
+            "upgrade ok: pid {} is serving; pid {} is draining and will exit\n",
+            v["pid"], v["previous_pid"]
+        )),
+        500 if !reason.is_empty() => Err(Exit {
+            code: 1,
+            message: format!(
+                "upgrade failed; pid {} keeps serving: {reason}",
+                v["pid"]
+            ),
+        }),
+        409 | 503 if !reason.is_empty() => Err(Exit {
+            code: 69,
+            message: format!("upgrade refused: {reason}"),
+        }),
+        401 => Err(Exit {
+            code: 1,
+            message: format!(
+                "the admin API at {address} requires a bearer token; pass --token-file, or -c with the server's configuration file"
+            ),
+        }),
+        other => Err(Exit {
+            code: 1,
+            message: format!(
+                "the admin API at {address} answered {other} to POST /upgrade: {}",
+                String::from_utf8_lossy(body).trim()
+            ),
+        }),
+    }
 }
 
 /// Turns the admin API's answer into the command's output and exit code.
@@ -275,6 +393,33 @@ fn reload_outcome(address: &str, status: http::StatusCode, body: &[u8]) -> Resul
 mod tests {
     use super::*;
     use http::StatusCode;
+
+    #[test]
+    fn upgrade_answers_map_to_output_and_exit_codes() {
+        let ok = br#"{"result":"ok","pid":42,"previous_pid":7}"#;
+        assert_eq!(
+            upgrade_outcome("a", StatusCode::OK, ok).unwrap(),
+            "upgrade ok: pid 42 is serving; pid 7 is draining and will exit\n"
+        );
+        let failed = br#"{"result":"failed","reason":"pid 42 exited with status 78 (invalid configuration, certificate or key): bad","pid":7}"#;
+        let e = upgrade_outcome("a", StatusCode::INTERNAL_SERVER_ERROR, failed).unwrap_err();
+        assert_eq!(e.code, 1);
+        assert_eq!(
+            e.message,
+            "upgrade failed; pid 7 keeps serving: pid 42 exited with status 78 (invalid configuration, certificate or key): bad"
+        );
+        let busy = br#"{"result":"refused","reason":"an upgrade is already in progress (new process pid 42); wait for its outcome"}"#;
+        assert_eq!(upgrade_outcome("a", StatusCode::CONFLICT, busy).unwrap_err().code, 69);
+        assert_eq!(upgrade_outcome("a", StatusCode::UNAUTHORIZED, b"").unwrap_err().code, 1);
+        // An older server without the endpoint.
+        let e = upgrade_outcome("a", StatusCode::NOT_FOUND, b"not found\n").unwrap_err();
+        assert_eq!(e.code, 1);
+        assert!(
+            e.message.contains("answered 404 to POST /upgrade: not found"),
+            "{}",
+            e.message
+        );
+    }
 
     #[test]
     fn reload_answers_map_to_output_and_exit_codes() {

@@ -54,6 +54,20 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Zero-downtime binary upgrade (same as SIGUSR2): the server starts its binary anew and hands
+    /// it the listening sockets. Exits 0 once the new process serves, 1 when it failed (the old
+    /// one keeps serving), 69 when the server cannot be reached.
+    Upgrade {
+        /// Admin API address. Default: [admin] address from the configuration file.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<String>,
+        /// Configuration file to take the admin address and token file from.
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+        /// File holding the admin bearer token. Default: [admin] token_file from the configuration.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -84,9 +98,10 @@ fn try_main(cli: Cli) -> Result<(), gatehouse::app::Exit> {
         Some(LogFormatArg::Text) => gatehouse::config::LogFormat::Text,
         None => {
             let path = match &cli.command {
-                Command::Serve { config } | Command::Check { config } | Command::Reload { config, .. } => {
-                    config.as_deref()
-                }
+                Command::Serve { config }
+                | Command::Check { config }
+                | Command::Reload { config, .. }
+                | Command::Upgrade { config, .. } => config.as_deref(),
             };
             gatehouse::config::load(path)
                 .map(|(c, _)| c.log.format)
@@ -109,6 +124,15 @@ fn try_main(cli: Cli) -> Result<(), gatehouse::app::Exit> {
         } => {
             let report = gatehouse::app::reload(admin.as_deref(), config.as_deref(), token_file.as_deref())?;
             // Warnings first, then the one-line result; all on stdout, since the command succeeded.
+            print!("{report}");
+            Ok(())
+        }
+        Command::Upgrade {
+            admin,
+            config,
+            token_file,
+        } => {
+            let report = gatehouse::app::upgrade(admin.as_deref(), config.as_deref(), token_file.as_deref())?;
             print!("{report}");
             Ok(())
         }

@@ -19,7 +19,11 @@
 use crate::config::{Config, ConfigSource, Findings, Severity};
 use crate::conn::{ConnSettings, ListenerShared, ProtocolPolicy, Registry};
 use crate::http::{HttpService, ServiceBody};
-use crate::lifecycle::{Live, Phase, ReloadError, ReloadHook, ReloadReport, ShutdownTrigger, Signals};
+use crate::lifecycle::upgrade::{Handover, Launch, ListeningSockets, ReadyReport, Role, Upgrader};
+use crate::lifecycle::{
+    Live, Owed, OwedGuard, Phase, ReloadError, ReloadHook, ReloadReport, ShutdownTrigger, Signals, UpgradeError,
+    UpgradeReport,
+};
 use crate::listen::{self, BindError, ConnLimits};
 use crate::observe::{otel, AccessLog, Metrics, Name, Switches, Tracer};
 use crate::route::Router;
@@ -96,6 +100,8 @@ pub struct ServerHandle {
     pub registry: Arc<Registry>,
     pub switches: Switches,
     live: Arc<Live>,
+    upgrader: Arc<Upgrader>,
+    owed: Owed,
 }
 
 impl ServerHandle {
@@ -162,7 +168,38 @@ impl ServerHandle {
     pub fn on_reload(&self, hook: ReloadHook) {
         self.live.add_hook(hook);
     }
+
+    /// Starts the binary this process was started from, hands it every listening socket, and once
+    /// it serves, drains this process (as SIGUSR2 does). On failure this process keeps serving
+    /// and the error says why. Needs [`Server::with_upgrade`].
+    pub async fn upgrade(&self) -> Result<UpgradeReport, UpgradeError> {
+        let handle = self.clone();
+        // Its own task, like a reload: an admin client that hangs up must not abandon a started
+        // process half-way.
+        tokio::spawn(async move {
+            let timeout = handle.config().shutdown.upgrade_timeout.get();
+            handle.upgrader.run(&handle.trigger, &handle.metrics, timeout).await
+        })
+        .await
+        .unwrap_or_else(|e| Err(UpgradeError::Failed(format!("the upgrade task failed: {e}"))))
+    }
+
+    /// The listening sockets a binary upgrade hands over. Code that adds or removes a listener
+    /// (or the admin API's socket) while serving keeps this table in step.
+    pub fn listening_sockets(&self) -> &ListeningSockets {
+        self.upgrader.sockets()
+    }
+
+    /// Keeps the process from exiting, after its drain, until the guard is dropped (for at most
+    /// 5 seconds): for an admin answer still being written.
+    pub fn owe_answer(&self) -> OwedGuard {
+        self.owed.hold()
+    }
 }
+
+/// How long a process that has drained still waits for answers it owes (an admin API client
+/// reading the answer to `POST /upgrade`) before it exits.
+const OWED_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A server with its listeners bound, ready to serve.
 pub struct Server {
@@ -173,6 +210,8 @@ pub struct Server {
     signals: bool,
     /// The OTLP exporter, started with serving (it needs the runtime) when `[tracing]` is on.
     exporter: Option<otel::Exporter>,
+    /// Set in a binary upgrade's new process: told once every listener accepts.
+    ready_report: Option<ReadyReport>,
 }
 
 impl Server {
@@ -182,7 +221,17 @@ impl Server {
     }
 
     /// Binds the listeners of an already prepared configuration.
-    pub fn bind_prepared(mut prepared: Prepared) -> Result<Server, StartError> {
+    pub fn bind_prepared(prepared: Prepared) -> Result<Server, StartError> {
+        Server::bind_with(prepared, None)
+    }
+
+    /// Like [`Server::bind_prepared`] in a binary upgrade's new process: listeners adopt the
+    /// sockets `handover` holds (by name, on the same address); only the others are bound.
+    pub fn bind_handed_over(prepared: Prepared, handover: &mut Handover) -> Result<Server, StartError> {
+        Server::bind_with(prepared, Some(handover))
+    }
+
+    fn bind_with(mut prepared: Prepared, mut handover: Option<&mut Handover>) -> Result<Server, StartError> {
         let mut tls_servers = std::mem::take(&mut prepared.tls);
         let registry = Arc::new(Registry::default());
         let metrics = Metrics::new(registry.clone());
@@ -215,15 +264,25 @@ impl Server {
         });
         let mut inherit_findings = Findings::default();
         let mut inherited = listen::inherit::adopt(&c.listeners, &mut inherit_findings);
+        let mut handed_over = match handover.as_deref_mut() {
+            Some(h) => h.adopt_listeners(&c.listeners, &mut inherit_findings),
+            None => Vec::new(),
+        };
         if inherit_findings.has_errors() {
             return Err(StartError::Invalid(inherit_findings));
         }
         let mut listeners = Vec::new();
+        let upgrader = Arc::new(Upgrader::default());
         for (i, l) in c.listeners.iter().enumerate() {
-            let socket = match inherited.get_mut(i).and_then(Option::take) {
+            let adopted = inherited.get_mut(i).and_then(Option::take);
+            let socket = match adopted.or_else(|| handed_over.get_mut(i).and_then(Option::take)) {
                 Some(socket) => socket,
                 None => listen::bind(&l.name, l.address)?,
             };
+            upgrader
+                .sockets()
+                .insert(Role::Listener(l.name.clone()), &socket)
+                .map_err(|e| StartError::Other(format!("cannot keep listener {} for upgrades: {e}", l.name)))?;
             let tls = tls_servers.get_mut(i).and_then(Option::take);
             let shared = Arc::new(ListenerShared {
                 name: Name(Arc::from(l.name.as_str())),
@@ -255,6 +314,8 @@ impl Server {
             registry,
             switches,
             live,
+            upgrader,
+            owed: Owed::default(),
         };
         Ok(Server {
             prepared,
@@ -263,6 +324,7 @@ impl Server {
             handle,
             signals: true,
             exporter,
+            ready_report: handover.map(|h| h.report()),
         })
     }
 
@@ -299,6 +361,13 @@ impl Server {
     /// service keeps running unchanged across reloads, which still apply to everything else.
     pub fn with_config_routes(self, router: &Router) -> Self {
         self.handle.live.set_router(router.clone());
+        self
+    }
+
+    /// Enables binary upgrades (SIGUSR2, [`ServerHandle::upgrade`]): the new process is started
+    /// as `launch` describes, which should be recorded at process start ([`Launch::current`]).
+    pub fn with_upgrade(self, launch: Launch) -> Self {
+        self.handle.upgrader.set_launch(launch);
         self
     }
 
@@ -475,6 +544,13 @@ impl Server {
                 let _ = handle.reload_from_source().await;
             });
         };
+        let upgrade = || {
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                // The outcome is logged and counted by the upgrade itself.
+                let _ = handle.upgrade().await;
+            });
+        };
         handle.set_ready(true);
         let shutdown = handle.trigger().subscribe();
         // Every listener is bound and has an accept loop: tell systemd (Type=notify) we are up.
@@ -489,6 +565,9 @@ impl Server {
             }));
         }
         notify.ready(&serving_status(listener_count, &handle.registry));
+        if let Some(report) = &self.ready_report {
+            report.ready();
+        }
         if notify.is_enabled() {
             let registry = handle.registry.clone();
             let shutdown = shutdown.clone();
@@ -498,28 +577,31 @@ impl Server {
                 loop {
                     tokio::select! {
                         _ = tick.tick() => notify.status(&serving_status(listener_count, &registry)),
-                        _ = shutdown.draining() => break,
+                        _ = shutdown.stop_accepting() => break,
                     }
                 }
             });
         }
         match &mut signals {
             Some(s) => tokio::select! {
-                _ = s.stop_requested(&reload) => {}
-                _ = shutdown.draining() => {}
+                _ = s.stop_requested(&reload, &upgrade) => {}
+                _ = shutdown.stop_accepting() => {}
             },
-            None => shutdown.draining().await,
+            None => shutdown.stop_accepting().await,
         }
+        // A binary upgrade's new process serves the sockets now: no deregistration delay, and
+        // the service manager hears from that process only.
+        let handed_over = handle.trigger().is_handed_over();
         // Read now rather than at start: [shutdown] is reloadable.
         let drain = handle.config().shutdown.clone();
-        let (drain_timeout, drain_delay) = (drain.drain_timeout.get(), drain.drain_delay.get());
+        let drain_timeout = drain.drain_timeout.get();
         // The signal streams stay registered from startup, so a second signal sent during
-        // drain_delay or right as the drain is announced is not missed.
+        // drain_delay (or handover_grace) or right as the drain is announced is not missed.
         let forced = shutdown.clone();
         let mut second_signal = Box::pin(async move {
             match &mut signals {
                 Some(s) => tokio::select! {
-                    _ = s.stop_requested(&reload) => tracing::warn!("second signal: closing every connection now"),
+                    _ = s.stop_requested(&reload, &upgrade) => tracing::warn!("second signal: closing every connection now"),
                     _ = forced.forced() => {}
                 },
                 None => forced.forced().await,
@@ -528,15 +610,33 @@ impl Server {
         let mut second_seen = false;
         // Readiness flips first so load balancers stop sending, then serving continues for the delay.
         handle.set_ready(false);
-        notify.stopping(&format!("draining {} connection(s)", handle.registry.len()));
-        if !drain_delay.is_zero() && handle.phase() == Phase::Running {
+        if handed_over {
+            // Not accepting any more; HTTP/2 has its GOAWAY, and an HTTP/1.1 request already on
+            // its way on an idle connection is answered (with `Connection: close`) rather than
+            // met by a close. Then the drain proper closes what is idle.
+            let grace = drain.handover_grace.get();
             tracing::info!(
-                delay_ms = drain_delay.as_millis() as u64,
-                "readiness is 503; still serving during drain_delay"
+                open = handle.registry.len(),
+                grace_ms = grace.as_millis() as u64,
+                "handed over; idle HTTP/1.1 connections may send one more request during handover_grace"
             );
             tokio::select! {
-                _ = tokio::time::sleep(drain_delay) => {}
+                _ = tokio::time::sleep(grace) => {}
+                _ = handle.registry.wait_empty() => {}
                 _ = second_signal.as_mut() => second_seen = true,
+            }
+        } else {
+            notify.stopping(&format!("draining {} connection(s)", handle.registry.len()));
+            let drain_delay = drain.drain_delay.get();
+            if !drain_delay.is_zero() && handle.phase() == Phase::Running {
+                tracing::info!(
+                    delay_ms = drain_delay.as_millis() as u64,
+                    "readiness is 503; still serving during drain_delay"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(drain_delay) => {}
+                    _ = second_signal.as_mut() => second_seen = true,
+                }
             }
         }
         let second_signal = async move {
@@ -546,13 +646,21 @@ impl Server {
         };
         // Connections cut at the deadline are counted by their own tasks as `drain_forced`.
         let report = crate::lifecycle::drain(handle.trigger(), &handle.registry, drain_timeout, second_signal).await;
-        notify.status(&format!(
-            "drained: {} connection(s) at start, {} closed by the deadline",
-            report.open_at_start, report.forced
-        ));
+        if !handed_over {
+            notify.status(&format!(
+                "drained: {} connection(s) at start, {} closed by the deadline",
+                report.open_at_start, report.forced
+            ));
+        }
         // Every request has ended, so every span is queued: send them (bounded) before returning.
         if let Some(export) = export {
             export.flush_and_stop().await;
+        }
+        if tokio::time::timeout(OWED_ANSWER_TIMEOUT, handle.owed.settled())
+            .await
+            .is_err()
+        {
+            tracing::warn!("an admin API answer was still being written at exit");
         }
         Ok(())
     }

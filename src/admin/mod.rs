@@ -1,8 +1,9 @@
 //! The admin API: health, readiness, metrics, the live connection table, debug switches, config,
-//! reload.
+//! reload, binary upgrade.
 
 pub mod client;
 mod reload;
+mod upgrade;
 
 use crate::observe::{Name, PeerFilter, Switch, SwitchSet};
 use crate::ServerHandle;
@@ -29,7 +30,8 @@ pub fn bind(address: SocketAddr) -> Result<std::net::TcpListener, crate::listen:
     crate::listen::bind("admin", address)
 }
 
-/// Serves the admin API on `listener` until the server has drained.
+/// Serves the admin API on `listener` until the server has drained, or has handed the socket to a
+/// binary upgrade's new process (whose admin API answers from then on).
 pub async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -43,16 +45,38 @@ pub async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>) {
     // The admin API needs descriptors like any listener: out of them, it must wait, not spin.
     let errors = crate::listen::AcceptErrors::new(Name(Arc::from("admin")), h.metrics.clone(), h.switches.clone());
     let mut acceptor = crate::listen::Acceptor::new(listener, errors);
-    while let Some((tcp, _)) = acceptor.next(shutdown.forced()).await {
+    let stopped = || {
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown.forced() => {}
+                _ = shutdown.handed_over() => {}
+            }
+        }
+    };
+    while let Some((tcp, _)) = acceptor.next(stopped()).await {
         let admin = admin.clone();
+        let stopped = stopped();
         tokio::task::spawn_local(async move {
-            let svc = hyper::service::service_fn(move |req| {
+            // The process waits for this answer before it exits: it may be the one reporting
+            // the upgrade that ends the process.
+            let _owed = admin.handle.owe_answer();
+            let svc = hyper::service::service_fn({
                 let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&admin, req).await) }
+                move |req| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(&admin, req).await) }
+                }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stopped => {}
+            }
+            // Idle: closed now. Answering: closed once the answer is written.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         });
     }
 }
@@ -116,6 +140,7 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
         (Method::GET, "/debug/switches") => json(StatusCode::OK, switches_json(&h.switches.current())),
         (Method::PUT, "/debug/switches") => put_switches(admin, req).await,
         (Method::POST, "/reload") => reload::post(h).await,
+        (Method::POST, "/upgrade") => upgrade::post(h).await,
         (Method::GET, "/config") => match serde_json::to_value(&*h.config()) {
             Ok(v) => json(StatusCode::OK, v),
             Err(e) => respond(
@@ -133,7 +158,7 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
             r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
             r
         }
-        (_, "/reload") => {
+        (_, "/reload" | "/upgrade") => {
             let mut r = respond(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain; charset=utf-8",

@@ -74,6 +74,12 @@ pub const DEFAULT_H2_MAX_SEND_BUFFER: Size = Size::kib(400);
 pub const DEFAULT_DRAIN_DELAY: Span = Span::secs(0);
 /// Matches Kubernetes' default termination grace period, so the server finishes before SIGKILL.
 pub const DEFAULT_DRAIN_TIMEOUT: Span = Span::secs(30);
+/// Starting the new binary takes well under a second (a self-signed certificate included); a
+/// process not ready in 30s is stuck, and the old one must get back to serving alone.
+pub const DEFAULT_UPGRADE_TIMEOUT: Span = Span::secs(30);
+/// Long enough for a client in the middle of a request/response cycle to send its next request
+/// (which is answered, with `Connection: close`), short enough that the old process leaves soon.
+pub const DEFAULT_HANDOVER_GRACE: Span = Span::secs(2);
 
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";
 
@@ -315,6 +321,11 @@ impl Default for Http2Config {
 pub struct ShutdownConfig {
     pub drain_delay: Span,
     pub drain_timeout: Span,
+    /// Binary upgrade: how long the new process has to report ready before it is stopped.
+    pub upgrade_timeout: Span,
+    /// Binary upgrade: how long the old process keeps idle HTTP/1.1 connections, and connections
+    /// that have not sent a request yet, before its drain closes them.
+    pub handover_grace: Span,
 }
 
 impl Default for ShutdownConfig {
@@ -322,6 +333,8 @@ impl Default for ShutdownConfig {
         ShutdownConfig {
             drain_delay: DEFAULT_DRAIN_DELAY,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
+            handover_grace: DEFAULT_HANDOVER_GRACE,
         }
     }
 }

@@ -337,6 +337,13 @@ impl Config {
                 "set a positive duration such as \"30s\"",
             );
         }
+        if self.shutdown.upgrade_timeout.is_zero() {
+            f.error(
+                "shutdown.upgrade_timeout",
+                "is 0, so every binary upgrade would fail before the new process could start",
+                "set a positive duration such as \"30s\"",
+            );
+        }
     }
 
     /// The HTTP/2 abuse bounds: each must exist (0 would disable the protection or every client).

@@ -359,10 +359,27 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
     tokio::pin!(sleep);
     // Bytes moved in either direction when the graceful close was last checked (drain only).
     let mut progress = 0u64;
+    // HTTP/2's GOAWAY is safe the moment this process stops accepting (a binary upgrade hands
+    // its sockets over): the client retries unprocessed streams elsewhere. Closing an idle
+    // HTTP/1.1 connection is not, as a request may be on its way: during a handover it gets the
+    // grace, and each response meanwhile says `Connection: close` (the pipeline adds it).
+    let stop = async {
+        if http1 {
+            listener.shutdown.draining().await
+        } else {
+            listener.shutdown.stop_accepting().await
+        }
+    };
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            res = hconn.as_mut() => return classify(res, initiated, conn),
-            _ = listener.shutdown.draining(), if initiated.is_none() => {
+            res = hconn.as_mut() => {
+                // During a handover an HTTP/1.1 connection ends after a response that said
+                // `Connection: close` because this process is leaving: that is a shutdown close.
+                let leaving = http1 && listener.shutdown.phase() != crate::lifecycle::Phase::Running;
+                return classify(res, initiated.or(leaving.then_some(CloseReason::Shutdown)), conn);
+            }
+            _ = &mut stop, if initiated.is_none() => {
                 initiated = Some(CloseReason::Shutdown);
                 info.set_state(ConnState::Closing);
                 if !http1 {

@@ -405,7 +405,11 @@ impl Record {
     {
         // A body that is empty from the start may never be polled (HEAD, 304, 204): it is complete.
         self.complete_if_dropped = resp.body().is_end_stream();
-        if close && self.protocol == Protocol::Http11 {
+        // Once this process stops accepting (drain, or a binary upgrade's handover), each answer
+        // tells the client to take its next request to a new connection. Decided here, when the
+        // head is written, so a request that started before the handover is covered too.
+        let leaving = self.conn.listener.shutdown.phase() != crate::lifecycle::Phase::Running;
+        if (close || leaving) && self.protocol == Protocol::Http11 {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

@@ -1,12 +1,15 @@
-//! Process lifecycle: shutdown phases, draining, hot reload, signals, and systemd notifications.
+//! Process lifecycle: shutdown phases, draining, hot reload, binary upgrade, signals, and systemd
+//! notifications.
 
 mod drain;
 pub mod reload;
 mod shutdown;
 mod signals;
 pub mod systemd;
+pub mod upgrade;
 
 pub use drain::{drain, DrainReport};
 pub use reload::{Live, ReloadError, ReloadHook, ReloadReport, ReloadStage};
-pub use shutdown::{Phase, Shutdown, ShutdownTrigger};
+pub use shutdown::{Owed, OwedGuard, Phase, Shutdown, ShutdownTrigger};
 pub use signals::Signals;
+pub use upgrade::{UpgradeError, UpgradeReport};

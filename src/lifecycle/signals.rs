@@ -1,4 +1,4 @@
-//! Process signals: SIGTERM and SIGINT stop, SIGHUP reloads, SIGUSR2 is caught (upgrade).
+//! Process signals: SIGTERM and SIGINT stop, SIGHUP reloads, SIGUSR2 starts a binary upgrade.
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -22,9 +22,10 @@ impl Signals {
         })
     }
 
-    /// Waits for SIGTERM or SIGINT. Each SIGHUP meanwhile calls `reload`, which should start the
-    /// reload and return at once, so a stop signal is never held up behind it.
-    pub async fn stop_requested(&mut self, reload: &impl Fn()) {
+    /// Waits for SIGTERM or SIGINT. Each SIGHUP meanwhile calls `reload`, and each SIGUSR2
+    /// `upgrade`; both should start their work and return at once, so a stop signal is never held
+    /// up behind it.
+    pub async fn stop_requested(&mut self, reload: &impl Fn(), upgrade: &impl Fn()) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return tracing::info!(signal = "SIGTERM", "shutdown requested"),
@@ -33,8 +34,10 @@ impl Signals {
                     tracing::info!(signal = "SIGHUP", "reload requested");
                     reload();
                 }
-                // Its default action would kill the process; until upgrade exists, say so and keep serving.
-                _ = self.usr2.recv() => tracing::warn!(signal = "SIGUSR2", "binary upgrade is not available in this build; still serving"),
+                _ = self.usr2.recv() => {
+                    tracing::info!(signal = "SIGUSR2", "binary upgrade requested");
+                    upgrade();
+                }
             }
         }
     }

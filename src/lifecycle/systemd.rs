@@ -15,6 +15,7 @@
 //! | SIGTERM/SIGINT: the drain begins | `STOPPING=1`, `STATUS=draining M connection(s)` |
 //! | a reload starts | `RELOADING=1`, `MONOTONIC_USEC=...` ([`Notifier::reloading`]) |
 //! | a reload is done (applied or refused) | `READY=1`, `STATUS=...` ([`Notifier::reloaded`]) |
+//! | a binary upgrade's new process serves | `MAINPID=<new pid>`, `STATUS=...` ([`Notifier::main_pid`]); then nothing more from the old process |
 //!
 //! `NOTIFY_SOCKET` is deliberately left in the environment: a binary upgrade starts the new
 //! process as a child, and that process must be able to tell systemd it is the one now serving.
@@ -132,6 +133,12 @@ impl Notifier {
             "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading configuration",
             monotonic_usec()
         ));
+    }
+
+    /// `MAINPID=`: `pid` (a binary upgrade's new process) is now the service's main process. Sent
+    /// by the current main process, so systemd accepts it under `NotifyAccess=main` as well.
+    pub fn main_pid(&self, pid: u32, status: &str) {
+        self.send(&format!("MAINPID={pid}\nSTATUS={}", one_line(status)));
     }
 
     /// `READY=1` after a reload (successful or refused: either way the server is serving).

@@ -8,6 +8,9 @@
 //! and refuses to start (exit 78) rather than serving on an address nobody asked for. Passed sockets
 //! that no listener wants are closed with a warning.
 //!
+//! A binary upgrade passes descriptors the same way (by number, across exec); their environment
+//! protocol lives in `lifecycle::upgrade`, and [`own_handed_over`] takes ownership of them here.
+//!
 //! This is the only module with `unsafe` code: taking ownership of an inherited descriptor number
 //! is inherently unchecked by the compiler.
 
@@ -27,6 +30,40 @@ const MAX_PASSED: usize = 4096;
 /// The descriptors can be owned once per process; a second server in the same process (tests,
 /// library users) binds its own.
 static CLAIMED: AtomicBool = AtomicBool::new(false);
+
+/// Like `CLAIMED`, for the descriptors a previous gatehouse handed over in a binary upgrade.
+static HANDED_OVER_CLAIMED: AtomicBool = AtomicBool::new(false);
+
+/// What a binary upgrade handed to this process, now owned: each listening socket (or why it
+/// cannot be one), and the channel on which to report ready.
+pub(crate) type HandedOver = (
+    Vec<Result<(Socket, SocketAddr), String>>,
+    Option<Result<std::os::unix::net::UnixStream, String>>,
+);
+
+/// Takes ownership of the descriptors the previous process handed over in a binary upgrade:
+/// `listening` must be listening TCP sockets (checked as socket activation checks them), `ready`
+/// a Unix stream socket. The caller has checked that they were addressed to this process (the
+/// handing process is our parent), that each number is above stderr and that none repeats.
+/// `None` when they were already taken in this process.
+pub(crate) fn own_handed_over(listening: &[RawFd], ready: Option<RawFd>) -> Option<HandedOver> {
+    if HANDED_OVER_CLAIMED.swap(true, Ordering::SeqCst) {
+        return None;
+    }
+    let sockets = listening.iter().map(|&fd| own(fd)).collect();
+    let ready = ready.map(|fd| {
+        let socket = own_socket(fd)?;
+        let domain = socket.domain().map_err(|e| format!("cannot be inspected: {e}"))?;
+        if domain != Domain::UNIX || socket.r#type().ok() != Some(Type::STREAM) {
+            return Err("is not a Unix stream socket".to_string());
+        }
+        socket
+            .set_cloexec(true)
+            .map_err(|e| format!("cannot be set close-on-exec: {e}"))?;
+        Ok(std::os::unix::net::UnixStream::from(OwnedFd::from(socket)))
+    });
+    Some((sockets, ready))
+}
 
 /// One descriptor passed to this process.
 struct Passed {
@@ -117,6 +154,26 @@ fn check(p: Passed, i: usize, l: &ListenerConfig, findings: &mut Findings) -> Op
     Some(socket.into())
 }
 
+/// Takes ownership of passed descriptor `fd` if it is an open socket.
+fn own_socket(fd: RawFd) -> Result<Socket, String> {
+    // Look before taking ownership: an `OwnedFd` for a descriptor that is not open, or that is
+    // something else this process relies on, would be closed under its real owner.
+    match std::fs::read_link(format!("/proc/self/fd/{fd}")) {
+        Ok(target) if target.to_string_lossy().starts_with("socket:") => {}
+        Ok(target) => return Err(format!("is not a socket ({})", target.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err("is not open".to_string()),
+        // No /proc (an unusual container): rely on the launcher's word, checked by the caller.
+        Err(_) => {}
+    }
+    // SAFETY: the launcher opened `fd` for this process and handed it over (socket activation:
+    // LISTEN_PID is our pid; binary upgrade: the handing process is our parent and named us):
+    // nothing else in the process knows this descriptor number, and `CLAIMED` or
+    // `HANDED_OVER_CLAIMED` ensures ownership is taken once. /proc shows it is open and a socket
+    // (when /proc is available).
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(Socket::from(owned))
+}
+
 /// Reads and clears the `LISTEN_*` variables and takes ownership of the passed descriptors.
 /// `None` when nothing was passed to this process.
 fn take_from_env(findings: &mut Findings) -> Option<Vec<Passed>> {
@@ -178,20 +235,7 @@ fn take_from_env(findings: &mut Findings) -> Option<Vec<Passed>> {
 /// Takes ownership of passed descriptor `fd` if it is a socket, and checks it is a listening TCP
 /// socket. Errors say what it is instead, completing "socket fd N passed for listener X ...".
 fn own(fd: RawFd) -> Result<(Socket, SocketAddr), String> {
-    // Look before taking ownership: an `OwnedFd` for a descriptor that is not open, or that is
-    // something else this process relies on, would be closed under its real owner.
-    match std::fs::read_link(format!("/proc/self/fd/{fd}")) {
-        Ok(target) if target.to_string_lossy().starts_with("socket:") => {}
-        Ok(target) => return Err(format!("is not a socket ({})", target.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err("is not open".to_string()),
-        // No /proc (an unusual container): rely on the launcher's word, checked below.
-        Err(_) => {}
-    }
-    // SAFETY: the launcher opened `fd` for this process (LISTEN_PID is our pid) and handed it over:
-    // nothing else in the process knows this descriptor number, and `CLAIMED` ensures ownership is
-    // taken once. /proc shows it is open and a socket (when /proc is available).
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let socket = Socket::from(owned);
+    let socket = own_socket(fd)?;
     let describe = |what: &str, e: std::io::Error| format!("{what}: {e}");
     let ty = socket.r#type().map_err(|e| describe("is not a socket", e))?;
     if ty != Type::STREAM {

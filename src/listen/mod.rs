@@ -65,14 +65,15 @@ pub fn bind(name: &str, address: SocketAddr) -> Result<std::net::TcpListener, Bi
     Ok(socket.into())
 }
 
-/// Accepts connections until draining begins, serving each with `svc` on the current runtime.
+/// Accepts connections until draining begins (or a binary upgrade hands the socket over),
+/// serving each with `svc` on the current runtime.
 /// Accept errors never end the loop; [`Acceptor`] explains how each is handled.
 pub async fn accept_loop<S, B>(mut acceptor: Acceptor, shared: Arc<ListenerShared>, limits: Arc<ConnLimits>, svc: S)
 where
     S: HttpService<B>,
     B: ServiceBody,
 {
-    while let Some((tcp, peer)) = acceptor.next(shared.shutdown.draining()).await {
+    while let Some((tcp, peer)) = acceptor.next(shared.shutdown.stop_accepting()).await {
         shared
             .metrics
             .connections_accepted

@@ -104,6 +104,8 @@ pub struct Metrics {
     pub timeouts: Family<TimeoutLabels, Counter>,
     pub panics: Family<ListenerLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
+    /// Binary upgrades, by result (`ok`: a new process took over; `failed`: this one kept serving).
+    pub upgrades: Family<ResultLabels, Counter>,
     pub ready: Gauge,
     pub h2_goaway_sent: Family<ReasonLabels, Counter>,
     pub h2_resets_sent: Family<ReasonLabels, Counter>,
@@ -129,6 +131,7 @@ impl Metrics {
             timeouts: Family::default(),
             panics: Family::default(),
             reloads: Family::default(),
+            upgrades: Family::default(),
             ready: Gauge::default(),
             h2_goaway_sent: Family::default(),
             h2_resets_sent: Family::default(),
@@ -177,6 +180,14 @@ impl Metrics {
         r.register("timeouts", "Timeouts that fired, by phase", m.timeouts.clone());
         r.register("panics", "Handler panics turned into 500 responses", m.panics.clone());
         r.register("reloads", "Configuration reloads, by result", m.reloads.clone());
+        r.register(
+            "upgrades",
+            "Binary upgrades, by result (ok: a new process took over; failed: this one kept serving)",
+            m.upgrades.clone(),
+        );
+        for result in ["ok", "failed"] {
+            let _ = m.upgrades.get_or_create(&ResultLabels { result });
+        }
         r.register(
             "ready",
             "1 when the server is ready for traffic, 0 while starting or draining",

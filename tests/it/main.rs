@@ -17,3 +17,4 @@ mod resilience;
 mod systemd;
 mod timeouts;
 mod tracing;
+mod upgrade;
