@@ -7,6 +7,6 @@ mod signals;
 pub mod systemd;
 
 pub use drain::{drain, DrainReport};
-pub use reload::{Live, ReloadError, ReloadHook, ReloadReport, ReloadStage};
+pub use reload::{Live, ReloadError, ReloadHook, ReloadReport, ReloadStage, ReloadTrigger};
 pub use shutdown::{Phase, Shutdown, ShutdownTrigger};
 pub use signals::Signals;

@@ -3,6 +3,8 @@
 pub mod access_log;
 pub mod logging;
 pub mod metrics;
+mod process;
+pub mod redact;
 mod switches;
 
 pub use access_log::AccessLog;
