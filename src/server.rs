@@ -21,7 +21,7 @@ use crate::conn::{ConnSettings, ListenerShared, ProtocolPolicy, Registry};
 use crate::http::{HttpService, ServiceBody};
 use crate::lifecycle::upgrade::{Handover, Launch, ListeningSockets, ReadyReport, Role, Upgrader};
 use crate::lifecycle::{
-    Live, Owed, OwedGuard, Phase, ReloadError, ReloadHook, ReloadReport, ShutdownTrigger, Signals, UpgradeError,
+    Live, Owed, OwedGuard, Phase, ReloadError, ReloadHook, ReloadReport, ReloadTrigger, ShutdownTrigger, Signals, UpgradeError,
     UpgradeReport,
 };
 use crate::listen::{self, BindError, ConnLimits};
@@ -146,20 +146,26 @@ impl ServerHandle {
     /// # Ok(()) }
     /// ```
     pub async fn reload(&self, config: Config) -> Result<ReloadReport, ReloadError> {
-        self.run_reload(Some(config)).await
+        self.run_reload(Some(config), ReloadTrigger::Library).await
     }
 
     /// Re-reads the configuration the server started from (as SIGHUP does) and reloads it.
     /// Refused when the configuration was given in code (see [`Server::with_config_source`]).
     pub async fn reload_from_source(&self) -> Result<ReloadReport, ReloadError> {
-        self.run_reload(None).await
+        self.run_reload(None, ReloadTrigger::Library).await
+    }
+
+    /// [`ServerHandle::reload_from_source`] on behalf of `trigger` (SIGHUP, the admin API), which
+    /// the `reload` debug switch reports.
+    pub(crate) async fn reload_from_source_by(&self, trigger: ReloadTrigger) -> Result<ReloadReport, ReloadError> {
+        self.run_reload(None, trigger).await
     }
 
     /// Runs the reload on its own task: a caller that goes away mid-way (an admin client that
     /// hangs up) must not cut a reload short after its hooks were told it started.
-    async fn run_reload(&self, next: Option<Config>) -> Result<ReloadReport, ReloadError> {
+    async fn run_reload(&self, next: Option<Config>, trigger: ReloadTrigger) -> Result<ReloadReport, ReloadError> {
         let live = self.live.clone();
-        tokio::spawn(async move { live.reload(next).await })
+        tokio::spawn(async move { live.reload(next, trigger).await })
             .await
             .unwrap_or_else(|e| Err(ReloadError::Unavailable(format!("the reload task failed: {e}"))))
     }
@@ -238,15 +244,12 @@ impl Server {
         let (trigger, shutdown) = ShutdownTrigger::new();
         let c = &prepared.config;
         let switches = Switches::new(crate::lifecycle::reload::switch_set(c));
-        let access_log = AccessLog::open(&c.log, metrics.access_log_dropped.clone()).map_err(|e| {
-            let mut f = Findings::default();
-            f.error(
-                "log.access_log",
-                format!("cannot open {}: {e}", c.log.access_log),
-                "make the file's directory writable, or use \"stdout\" or \"off\"",
-            );
-            StartError::Invalid(f)
-        })?;
+        let access_log =
+            AccessLog::open(&c.log, &c.server.state_dir, metrics.access_log_dropped.clone()).map_err(|e| {
+                let mut f = Findings::default();
+                f.error(e.key(), e.to_string(), e.fix());
+                StartError::Invalid(f)
+            })?;
         let access_log = Arc::new(access_log);
         let (tracer, exporter) = match Tracer::from_config(&c.tracing, metrics.trace.clone()) {
             Ok(Some((tracer, exporter))) => (Some(tracer), Some(exporter)),
@@ -541,7 +544,7 @@ impl Server {
             // Its own task, so a stop signal is not held up while certificates load.
             tokio::spawn(async move {
                 // The outcome is logged and counted by the reload itself.
-                let _ = handle.reload_from_source().await;
+                let _ = handle.reload_from_source_by(ReloadTrigger::Signal).await;
             });
         };
         let upgrade = || {

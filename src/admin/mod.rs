@@ -2,6 +2,7 @@
 //! reload, binary upgrade.
 
 pub mod client;
+mod dashboard;
 mod reload;
 mod upgrade;
 
@@ -98,8 +99,9 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
 async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     // Probes (kubelet, load balancers) cannot present a secret, and these two answers reveal only
     // "up" and "ready": they stay open so a token-protected admin API can still be probed.
-    let probe = req.method() == Method::GET && matches!(req.uri().path(), "/healthz" | "/readyz");
-    if let Some(token) = admin.token.as_ref().filter(|_| !probe) {
+    // The dashboard page is static and holds no figures: it asks for them itself, with the token.
+    let public = req.method() == Method::GET && matches!(req.uri().path(), "/healthz" | "/readyz" | "/");
+    if let Some(token) = admin.token.as_ref().filter(|_| !public) {
         let ok = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -119,6 +121,7 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
     }
     let h = &admin.handle;
     match (req.method().clone(), req.uri().path()) {
+        (Method::GET, "/") => dashboard::page(),
         (Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
         (Method::GET, "/readyz") => {
             if h.is_ready() {
@@ -131,12 +134,8 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 )
             }
         }
-        (Method::GET, "/metrics") => respond(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            h.metrics.encode(),
-        ),
-        (Method::GET, "/debug/connections") => json(StatusCode::OK, connections(h, req.uri().query().unwrap_or(""))),
+        (Method::GET, "/metrics") => metrics(h, &req),
+        (Method::GET, "/debug/connections") => connections(h, req.uri().query().unwrap_or("")),
         (Method::GET, "/debug/switches") => json(StatusCode::OK, switches_json(&h.switches.current())),
         (Method::PUT, "/debug/switches") => put_switches(admin, req).await,
         (Method::POST, "/reload") => reload::post(h).await,
@@ -149,7 +148,7 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 format!("{e}\n"),
             ),
         },
-        (_, "/healthz" | "/readyz" | "/metrics" | "/debug/connections" | "/config") => {
+        (_, "/" | "/healthz" | "/readyz" | "/metrics" | "/debug/connections" | "/config") => {
             let mut r = respond(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain; charset=utf-8",
@@ -171,19 +170,72 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
     }
 }
 
+/// OpenMetrics for a scraper that asks for it (Prometheus does, in its `Accept`), else the
+/// Prometheus text format, which every other reader (curl, promtool, older servers) expects.
+fn metrics(h: &ServerHandle, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let openmetrics = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|media| {
+            let mut params = media.split(';').map(str::trim);
+            params
+                .next()
+                .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"))
+                && !params.any(|p| p.strip_prefix("q=").and_then(|q| q.parse::<f32>().ok()) == Some(0.0))
+        });
+    if openmetrics {
+        respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            h.metrics.encode(),
+        )
+    } else {
+        respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            h.metrics.encode_text(),
+        )
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn connections(h: &ServerHandle, query: &str) -> serde_json::Value {
-    let filter = |key: &str| {
-        query
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned())
-    };
-    let (listener, state, protocol) = (filter("listener"), filter("state"), filter("protocol"));
+/// Values `/debug/connections?state=` and `?protocol=` accept (the registry's own names).
+const STATES: &[&str] = &["handshaking", "idle", "busy", "closing", "closed"];
+const PROTOCOLS: &[&str] = &["unknown", "http/1.1", "h2", "h2c"];
+
+/// The live connection table, filtered by `listener`, `state` and `protocol`. A filter that names
+/// nothing that can exist (a typo) is refused with 400, rather than answered with an empty table
+/// that looks like "no such connections".
+fn connections(h: &ServerHandle, query: &str) -> Response<Full<Bytes>> {
+    let bad = |msg: String| json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": msg }));
+    let (mut listener, mut state, mut protocol) = (None, None, None);
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned();
+        match k {
+            "listener" => {
+                if !h.config().listeners.iter().any(|l| l.name == v) {
+                    return bad(format!("no listener is named `{v}`"));
+                }
+                listener = Some(v);
+            }
+            "state" if STATES.contains(&v.as_str()) => state = Some(v),
+            "protocol" if PROTOCOLS.contains(&v.as_str()) => protocol = Some(v),
+            "state" => return bad(format!("`{v}` is not a state; use one of {}", STATES.join(", "))),
+            "protocol" => return bad(format!("`{v}` is not a protocol; use one of {}", PROTOCOLS.join(", "))),
+            other => {
+                return bad(format!(
+                    "unknown filter `{other}`; filter by listener, state or protocol"
+                ))
+            }
+        }
+    }
     let rows: Vec<serde_json::Value> = h
         .registry
         .snapshot()
@@ -208,7 +260,7 @@ fn connections(h: &ServerHandle, query: &str) -> serde_json::Value {
             })
         })
         .collect();
-    serde_json::json!({ "connections": rows })
+    json(StatusCode::OK, serde_json::json!({ "connections": rows }))
 }
 
 fn switches_json(set: &SwitchSet) -> serde_json::Value {

@@ -2,7 +2,7 @@
 
 use super::json;
 use crate::config::Finding;
-use crate::lifecycle::ReloadError;
+use crate::lifecycle::{ReloadError, ReloadTrigger};
 use crate::ServerHandle;
 use bytes::Bytes;
 use http::{Response, StatusCode};
@@ -11,7 +11,7 @@ use http_body_util::Full;
 /// 200 with what changed; 422 with the findings when the new configuration is invalid; 503 when
 /// the server cannot reload now (draining, or nothing to re-read). Either refusal changed nothing.
 pub async fn post(handle: &ServerHandle) -> Response<Full<Bytes>> {
-    match handle.reload_from_source().await {
+    match handle.reload_from_source_by(ReloadTrigger::Admin).await {
         Ok(report) => json(
             StatusCode::OK,
             serde_json::json!({

@@ -430,6 +430,8 @@ pub struct LogConfig {
     pub redact_headers: Vec<String>,
     pub redact_query: Vec<String>,
     pub redact_mode: RedactMode,
+    /// The key of `hash` mode digests. Default: `<state_dir>/log-hash.key`, made on first need.
+    pub hash_key_file: Option<PathBuf>,
 }
 
 impl Default for LogConfig {
@@ -442,6 +444,7 @@ impl Default for LogConfig {
                 .to_vec(),
             redact_query: ["token", "access_token", "password"].map(String::from).to_vec(),
             redact_mode: RedactMode::Mask,
+            hash_key_file: None,
         }
     }
 }

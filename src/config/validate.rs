@@ -83,9 +83,6 @@ impl fmt::Display for Findings {
     }
 }
 
-/// Switches named in SPEC.md that this build cannot emit yet; refused rather than silently ignored.
-const PENDING_SWITCHES: &[&str] = &["h1_headers", "reload"];
-
 impl Config {
     /// Checks the configuration without touching the network. Certificates are checked separately.
     pub fn validate(&self) -> Findings {
@@ -557,15 +554,24 @@ impl Config {
                 );
             }
         }
+        if let Some(kf) = &log.hash_key_file {
+            match std::fs::read(kf) {
+                Ok(k) if k.trim_ascii().is_empty() => f.error(
+                    "log.hash_key_file",
+                    format!("{} is empty", kf.display()),
+                    "write a long random secret into it, e.g. `head -c 32 /dev/urandom | xxd -p -c 64`",
+                ),
+                Ok(_) => {}
+                Err(e) => f.error(
+                    "log.hash_key_file",
+                    format!("cannot read {}: {e}", kf.display()),
+                    "make the file readable by the user gatehouse runs as",
+                ),
+            }
+        }
         let known: Vec<&str> = crate::observe::Switch::ALL.iter().map(|s| s.as_str()).collect();
         for (i, s) in self.debug.switches.iter().enumerate() {
-            if PENDING_SWITCHES.contains(&s.as_str()) {
-                f.error(
-                    format!("debug.switches[{i}]"),
-                    format!("`{s}` is not available in this build yet"),
-                    format!("use one of {}", known.join(", ")),
-                );
-            } else if crate::observe::Switch::parse(s).is_none() {
+            if crate::observe::Switch::parse(s).is_none() {
                 f.error(
                     format!("debug.switches[{i}]"),
                     format!("`{s}` is not a debug switch"),

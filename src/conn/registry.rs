@@ -41,6 +41,9 @@ pub struct ConnInfo {
     /// Nanoseconds after `opened` when a response last began to wait on the peer, or the transport
     /// last accepted bytes while one did: the start of the current stall, if `awaiting_peer > 0`.
     peer_stalled_since: AtomicU64,
+    /// The debug switches, for the `conn` switch's state-transition events; unset in tests that
+    /// build a bare `ConnInfo`.
+    debug: OnceLock<crate::observe::Switches>,
 }
 
 /// What the TLS handshake settled on.
@@ -73,6 +76,23 @@ impl ConnInfo {
             write_blocked_since: AtomicU64::new(0),
             awaiting_peer: AtomicU32::new(0),
             peer_stalled_since: AtomicU64::new(0),
+            debug: OnceLock::new(),
+        }
+    }
+
+    /// Reports every state transition of this connection to the `conn` debug switch.
+    pub fn watch_transitions(&self, switches: crate::observe::Switches) {
+        let _ = self.debug.set(switches);
+    }
+
+    fn transition(&self, from: ConnState, to: ConnState) {
+        if from == to {
+            return;
+        }
+        if let Some(d) = self.debug.get() {
+            d.event(crate::observe::Switch::Conn, &self.listener, self.peer, || {
+                format!("conn {} {} -> {}", self.id, from.as_str(), to.as_str())
+            });
         }
     }
 
@@ -147,7 +167,9 @@ impl ConnInfo {
     }
     /// Moves to `next`; returns the previous state.
     pub fn set_state(&self, next: ConnState) -> ConnState {
-        ConnState::from_u8(self.state.swap(next as u8, Relaxed))
+        let prev = ConnState::from_u8(self.state.swap(next as u8, Relaxed));
+        self.transition(prev, next);
+        prev
     }
     pub fn protocol(&self) -> Protocol {
         Protocol::from_u8(self.protocol.load(Relaxed))
@@ -183,12 +205,15 @@ impl ConnInfo {
         }
     }
     fn set_state_unless_closing(&self, next: ConnState) {
-        let _ = self
+        let prev = self
             .state
             .fetch_update(Relaxed, Relaxed, |cur| match ConnState::from_u8(cur) {
                 ConnState::Closing | ConnState::Closed => None,
                 _ => Some(next as u8),
             });
+        if let Ok(prev) = prev {
+            self.transition(ConnState::from_u8(prev), next);
+        }
     }
     pub fn add_bytes_in(&self, n: usize) {
         self.bytes_in.fetch_add(n as u64, Relaxed);

@@ -37,6 +37,7 @@ where
         ConnState::Idle
     };
     let info = Arc::new(ConnInfo::new(id, listener.name.0.clone(), peer, local, initial));
+    info.watch_transitions(listener.debug.clone());
     listener.registry.insert(info.clone());
     listener
         .debug
@@ -117,8 +118,15 @@ where
                     .debug
                     .event(crate::observe::Switch::Tls, &listener.name.0, info.peer, || {
                         format!(
-                            "conn {} handshake ok: TLS {} {} ALPN offered {:?} chosen {:?} SNI {:?} resumed {}",
-                            info.id, s.version, s.cipher, negotiated.offered_alpn, s.alpn, s.sni, negotiated.resumed
+                            "conn {} handshake ok: TLS {} {} ALPN offered {:?} chosen {:?} SNI {:?} resumed {} (cipher suites offered: {})",
+                            info.id,
+                            s.version,
+                            s.cipher,
+                            negotiated.offered_alpn,
+                            s.alpn,
+                            s.sni,
+                            negotiated.resumed,
+                            negotiated.offered_ciphers.join(" ")
                         )
                     });
                 let h2 = alpn_label == "h2";

@@ -16,6 +16,7 @@ use crate::conn::{h2c, CloseReason, ConnInfo, ConnShared, PendingH2c, Protocol};
 use crate::observe::access_log::{json_num, json_str, now_rfc3339};
 use crate::observe::metrics::{method_label, ListenerLabels, ProtocolLabels, RequestLabels};
 use crate::observe::otel::{RequestSpan, SpanEnd};
+use crate::observe::Switch;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -86,6 +87,9 @@ where
         let conn = &self.conn;
         let protocol = conn.info.protocol();
         let settings = conn.listener.settings.load();
+        if protocol == Protocol::Http11 {
+            log_request_head(conn, &req);
+        }
         // First, so that nothing (not even an h2c upgrade) acts on a head that is not sound.
         let refusal = check_head(&req, protocol, &settings.limits).err();
         if refusal.is_none() && protocol == Protocol::Http11 && h2c::requested(req.headers()) {
@@ -250,6 +254,50 @@ impl<S> Pipeline<S> {
     }
 }
 
+/// The `h1_headers` switch: the request head as received, values redacted per `[log]`.
+fn log_request_head(conn: &ConnShared, req: &Request<Incoming>) {
+    let l = &conn.listener;
+    if !l.debug.enabled(Switch::H1Headers, &l.name.0, conn.info.peer) {
+        return;
+    }
+    let log = l.access_log.load();
+    let r = log.redactor();
+    // The request target as sent: origin form, or the absolute form a proxy client uses.
+    let target = match req.uri().scheme() {
+        Some(_) => req.uri().to_string(),
+        None => req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string(),
+    };
+    let version = format!("{:?}", req.version());
+    let raw_len = req.method().as_str().len() + 1 + target.len() + 1 + version.len();
+    let start = format!("{} {} {version}", req.method(), r.path(&target));
+    let line = r.head_line("request head", raw_len, &start, req.headers());
+    // HTTP/1.1 serves one request at a time: this one gets the next sequence number.
+    let req_id = format!("{}-{}", conn.info.id, conn.info.requests() + 1);
+    l.debug.event(Switch::H1Headers, &l.name.0, conn.info.peer, || {
+        format!("conn {} req {req_id} {line}", conn.info.id)
+    });
+}
+
+/// The `h1_headers` switch: the response head as handed to the HTTP/1.1 encoder (which then adds
+/// `date` and the framing header, `content-length` or `transfer-encoding`).
+fn log_response_head<B>(conn: &ConnShared, req_id: &str, resp: &Response<B>) {
+    let l = &conn.listener;
+    l.debug.event(Switch::H1Headers, &l.name.0, conn.info.peer, || {
+        let log = l.access_log.load();
+        let status = resp.status();
+        let start = format!(
+            "HTTP/1.1 {} {}",
+            status.as_str(),
+            status.canonical_reason().unwrap_or("")
+        );
+        let start = start.trim_end();
+        let line = log
+            .redactor()
+            .head_line("response head", start.len(), start, resp.headers());
+        format!("conn {} req {req_id} {line}", conn.info.id)
+    });
+}
+
 /// The answer for a request whose body failed, whatever the handler made of the error it read.
 fn answer_body_fault<B>(record: Record, fault: BodyFault, body_read: std::time::Duration) -> Response<Instrumented<B>>
 where
@@ -362,7 +410,7 @@ impl Record {
                 .unwrap_or_default()
                 .to_string();
             let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-            let path = log.redactor().redact(pq).into_owned();
+            let path = log.redactor().path(pq).into_owned();
             (host, path)
         } else {
             (String::new(), String::new())
@@ -415,6 +463,9 @@ impl Record {
         }
         self.status = resp.status().as_u16();
         self.error = error;
+        if self.protocol == Protocol::Http11 {
+            log_response_head(&self.conn, &self.req_id(), &resp);
+        }
         let ended = self.complete_if_dropped;
         let body = resp.body_mut();
         body.record = Some(self);

@@ -9,7 +9,7 @@ pub mod systemd;
 pub mod upgrade;
 
 pub use drain::{drain, DrainReport};
-pub use reload::{Live, ReloadError, ReloadHook, ReloadReport, ReloadStage};
+pub use reload::{Live, ReloadError, ReloadHook, ReloadReport, ReloadStage, ReloadTrigger};
 pub use shutdown::{Owed, OwedGuard, Phase, Shutdown, ShutdownTrigger};
 pub use signals::Signals;
 pub use upgrade::{UpgradeError, UpgradeReport};

@@ -60,6 +60,27 @@ impl ReloadError {
     }
 }
 
+/// What asked for a reload, as the `reload` debug switch reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReloadTrigger {
+    /// SIGHUP.
+    Signal,
+    /// `POST /reload` on the admin API (which `gatehouse reload` calls).
+    Admin,
+    /// A call to `ServerHandle::reload` or `reload_from_source`.
+    Library,
+}
+
+impl ReloadTrigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadTrigger::Signal => "sighup",
+            ReloadTrigger::Admin => "admin",
+            ReloadTrigger::Library => "library",
+        }
+    }
+}
+
 /// Where a reload is in its course, as told to hooks.
 #[derive(Clone, Copy, Debug)]
 pub enum ReloadStage<'a> {
@@ -175,8 +196,29 @@ impl Live {
 
     /// Reloads `next`, or (with `None`) re-reads the source the server started from.
     /// The one entry point of every trigger (through `ServerHandle`, which runs it on its own task).
-    pub(crate) async fn reload(&self, next: Option<Config>) -> Result<ReloadReport, ReloadError> {
+    pub(crate) async fn reload(
+        &self,
+        next: Option<Config>,
+        trigger: ReloadTrigger,
+    ) -> Result<ReloadReport, ReloadError> {
+        let asked = std::time::Instant::now();
         let _serial = self.lock.lock().await;
+        let waited = asked.elapsed();
+        self.switches.process_event(Switch::Reload, || {
+            format!(
+                "reload started: trigger {}, source {}, waited {} ms for an earlier reload",
+                trigger.as_str(),
+                match &next {
+                    Some(_) => "configuration given in code".to_string(),
+                    None => self
+                        .source
+                        .load()
+                        .as_deref()
+                        .map_or_else(|| "none".to_string(), |s| s.to_string()),
+                },
+                waited.as_millis()
+            )
+        });
         self.tell(ReloadStage::Started);
         let result = self.reload_locked(next).await;
         let label = if result.is_ok() { "ok" } else { "refused" };
@@ -184,6 +226,34 @@ impl Live {
             .reloads
             .get_or_create(&ResultLabels { result: label })
             .inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.metrics
+            .reload_timestamp
+            .get_or_create(&ResultLabels { result: label })
+            .set(now);
+        self.switches.process_event(Switch::Reload, || {
+            let total = asked.elapsed().as_millis();
+            match &result {
+                Ok(r) => format!(
+                    "reload ok: trigger {}, changed [{}], {} warning(s), {total} ms in all",
+                    trigger.as_str(),
+                    r.changed.join(", "),
+                    r.warnings.len()
+                ),
+                Err(e) => format!(
+                    "reload refused: trigger {}, {} finding(s): {}, {total} ms in all",
+                    trigger.as_str(),
+                    e.findings().iter().count(),
+                    e.findings()
+                        .iter()
+                        .map(|f| format!("{}: {}", f.key, f.problem))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            }
+        });
         match &result {
             Ok(r) => {
                 for w in &r.warnings {
@@ -222,10 +292,30 @@ impl Live {
             access_log_dropped: self.metrics.access_log_dropped.clone(),
         };
         // Reading files, loading keys and maybe generating a self-signed certificate block.
+        let staging = std::time::Instant::now();
         let staged = tokio::task::spawn_blocking(move || stage(input))
             .await
-            .map_err(|e| ReloadError::Unavailable(format!("the reload task failed: {e}")))??;
-        Ok(self.apply(staged))
+            .map_err(|e| ReloadError::Unavailable(format!("the reload task failed: {e}")))?;
+        let staged_in = staging.elapsed();
+        self.switches.process_event(Switch::Reload, || match &staged {
+            Ok(s) => format!(
+                "reload staged in {} ms (read, validated, certificates and keys loaded): sections differing [{}]",
+                staged_in.as_millis(),
+                s.plan.changed.join(", ")
+            ),
+            Err(_) => format!("reload staging failed after {} ms", staged_in.as_millis()),
+        });
+        let staged = staged?;
+        let applying = std::time::Instant::now();
+        let report = self.apply(staged);
+        self.switches.process_event(Switch::Reload, || {
+            format!(
+                "reload applied in {} us: changed [{}]",
+                applying.elapsed().as_micros(),
+                report.changed.join(", ")
+            )
+        });
+        Ok(report)
     }
 
     /// Puts a staged configuration in force. Cannot fail: everything fallible happened in `stage`.
@@ -335,14 +425,10 @@ fn stage(input: StageInput) -> Result<Staged, ReloadError> {
     let reopen =
         plan.changed.iter().any(|c| c == "log") || !matches!(log.access_log.as_str(), "stdout" | "stderr" | "off");
     let access_log = if reopen {
-        match AccessLog::open(log, input.access_log_dropped) {
+        match AccessLog::open(log, &prepared.config.server.state_dir, input.access_log_dropped) {
             Ok(l) => Some(Arc::new(l)),
             Err(e) => {
-                findings.error(
-                    "log.access_log",
-                    format!("cannot open {}: {e}", log.access_log),
-                    "make the file's directory writable, or use \"stdout\" or \"off\"",
-                );
+                findings.error(e.key(), e.to_string(), e.fix());
                 return Err(ReloadError::Invalid(findings));
             }
         }

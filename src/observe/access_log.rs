@@ -3,10 +3,11 @@
 //! Requests never wait for the log: lines go through a bounded queue, and when the sink cannot
 //! keep up, lines are dropped and counted in `gatehouse_access_log_dropped_total`.
 
+use super::redact::{HashKey, HashKeyError, Redactor};
 use crate::config::{LogConfig, RedactMode};
 use prometheus_client::metrics::counter::Counter;
-use std::hash::BuildHasher;
 use std::io::Write;
+use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 
 /// Lines buffered between request tasks and the sink; at ~300 bytes a line, about 2.4 MiB.
@@ -17,7 +18,36 @@ const QUEUE_LINES: usize = 8192;
 pub struct AccessLog {
     sink: Option<SyncSender<String>>,
     dropped: Counter,
-    redact: QueryRedactor,
+    redact: Redactor,
+}
+
+/// Why the access log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open {path}: {source}")]
+    Sink { path: String, source: std::io::Error },
+    #[error(transparent)]
+    HashKey(#[from] HashKeyError),
+}
+
+impl OpenError {
+    /// The configuration key to blame in a finding.
+    pub fn key(&self) -> &'static str {
+        match self {
+            OpenError::Sink { .. } => "log.access_log",
+            OpenError::HashKey(_) => "log.hash_key_file",
+        }
+    }
+
+    /// What the operator can do about it.
+    pub fn fix(&self) -> &'static str {
+        match self {
+            OpenError::Sink { .. } => "make the file's directory writable, or use \"stdout\" or \"off\"",
+            OpenError::HashKey(_) => {
+                "make the key file (or the state directory) readable and writable by this user, or set log.hash_key_file"
+            }
+        }
+    }
 }
 
 impl AccessLog {
@@ -26,32 +56,50 @@ impl AccessLog {
         AccessLog {
             sink: None,
             dropped: Counter::default(),
-            redact: QueryRedactor::default(),
+            redact: Redactor::default(),
         }
     }
 
-    /// Opens the configured sink and starts its writer thread.
-    pub fn open(cfg: &LogConfig, dropped: Counter) -> std::io::Result<AccessLog> {
+    /// Opens the configured sink and starts its writer thread. Also builds the redactor, which
+    /// the `h1_headers` switch uses even when the access log is off; in `hash` mode that loads
+    /// (or makes, in `state_dir`) the hash key.
+    pub fn open(cfg: &LogConfig, state_dir: &Path, dropped: Counter) -> Result<AccessLog, OpenError> {
+        let key = match cfg.redact_mode {
+            RedactMode::Hash => Some(HashKey::load(cfg, state_dir)?),
+            RedactMode::Mask | RedactMode::Drop => None,
+        };
+        let redact = Redactor::new(cfg, key);
+        let sink_error = |source| OpenError::Sink {
+            path: cfg.access_log.clone(),
+            source,
+        };
         let out: Box<dyn Write + Send> = match cfg.access_log.as_str() {
             "off" => {
                 return Ok(AccessLog {
                     sink: None,
                     dropped,
-                    redact: QueryRedactor::new(cfg),
+                    redact,
                 })
             }
             "stdout" => Box::new(std::io::stdout()),
             "stderr" => Box::new(std::io::stderr()),
-            path => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
+            path => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(sink_error)?,
+            ),
         };
         let (tx, rx) = sync_channel(QUEUE_LINES);
         std::thread::Builder::new()
             .name("gatehouse-access-log".into())
-            .spawn(move || write_lines(rx, out))?;
+            .spawn(move || write_lines(rx, out))
+            .map_err(sink_error)?;
         Ok(AccessLog {
             sink: Some(tx),
             dropped,
-            redact: QueryRedactor::new(cfg),
+            redact,
         })
     }
 
@@ -59,7 +107,7 @@ impl AccessLog {
         self.sink.is_some()
     }
 
-    pub fn redactor(&self) -> &QueryRedactor {
+    pub fn redactor(&self) -> &Redactor {
         &self.redact
     }
 
@@ -90,59 +138,6 @@ fn write_lines(rx: Receiver<String>, out: Box<dyn Write + Send>) {
     }
 }
 
-/// Redacts configured query parameters before a path is logged.
-#[derive(Clone, Debug, Default)]
-pub struct QueryRedactor {
-    names: Vec<String>,
-    mode: RedactMode,
-    key: std::hash::RandomState,
-}
-
-impl QueryRedactor {
-    pub fn new(cfg: &LogConfig) -> Self {
-        QueryRedactor {
-            names: cfg.redact_query.iter().map(|n| n.to_ascii_lowercase()).collect(),
-            mode: cfg.redact_mode,
-            key: std::hash::RandomState::new(),
-        }
-    }
-
-    /// `path_and_query` with the values of listed parameters masked, hashed or dropped.
-    pub fn redact<'a>(&self, path_and_query: &'a str) -> std::borrow::Cow<'a, str> {
-        let Some((path, query)) = path_and_query.split_once('?') else {
-            return path_and_query.into();
-        };
-        let sensitive = |k: &str| {
-            let k = percent_encoding::percent_decode_str(k).decode_utf8_lossy();
-            self.names.iter().any(|n| n.eq_ignore_ascii_case(&k))
-        };
-        if !query.split('&').any(|kv| sensitive(kv.split('=').next().unwrap_or(""))) {
-            return path_and_query.into();
-        }
-        let mut out = String::with_capacity(path_and_query.len());
-        out.push_str(path);
-        let mut first = true;
-        for kv in query.split('&') {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            let value = if sensitive(k) {
-                match self.mode {
-                    RedactMode::Drop => continue,
-                    RedactMode::Mask => "***".to_string(),
-                    RedactMode::Hash => format!("h:{:016x}", self.key.hash_one(v)),
-                }
-            } else {
-                v.to_string()
-            };
-            out.push(if first { '?' } else { '&' });
-            first = false;
-            out.push_str(k);
-            out.push('=');
-            out.push_str(&value);
-        }
-        out.into()
-    }
-}
-
 /// Appends `"key":` and a JSON string value.
 pub fn json_str(out: &mut String, key: &str, value: &str) {
     out.push('"');
@@ -167,24 +162,4 @@ pub fn now_rfc3339() -> String {
         .unwrap_or(now);
     now.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn query_values_are_redacted_by_mode() {
-        let mut cfg = LogConfig::default();
-        let r = QueryRedactor::new(&cfg);
-        assert_eq!(r.redact("/a?token=s3cret&x=1"), "/a?token=***&x=1");
-        assert_eq!(r.redact("/a?x=1"), "/a?x=1");
-        cfg.redact_mode = RedactMode::Drop;
-        assert_eq!(QueryRedactor::new(&cfg).redact("/a?x=1&password=p"), "/a?x=1");
-        cfg.redact_mode = RedactMode::Hash;
-        let r = QueryRedactor::new(&cfg);
-        let a = r.redact("/a?token=s3cret").into_owned();
-        assert!(!a.contains("s3cret"));
-        assert_eq!(a, r.redact("/b?token=s3cret").replace("/b", "/a"));
-    }
 }

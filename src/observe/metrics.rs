@@ -106,6 +106,7 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     /// Binary upgrades, by result (`ok`: a new process took over; `failed`: this one kept serving).
     pub upgrades: Family<ResultLabels, Counter>,
+    pub reload_timestamp: Family<ResultLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub ready: Gauge,
     pub h2_goaway_sent: Family<ReasonLabels, Counter>,
     pub h2_resets_sent: Family<ReasonLabels, Counter>,
@@ -118,7 +119,10 @@ pub struct Metrics {
 impl Metrics {
     /// Creates every series and registers the live-connection collector over `conns`.
     pub fn new(conns: Arc<Registry>) -> Metrics {
-        let mut r = PromRegistry::with_prefix("gatehouse");
+        // The standard `process_*` series carry no prefix: dashboards and alerts expect them so.
+        let mut root = PromRegistry::default();
+        root.register_collector(Box::new(super::process::ProcessCollector));
+        let r = root.sub_registry_with_prefix("gatehouse");
         let m = Metrics {
             connections_accepted: Family::default(),
             connections_rejected: Family::default(),
@@ -132,6 +136,7 @@ impl Metrics {
             panics: Family::default(),
             reloads: Family::default(),
             upgrades: Family::default(),
+            reload_timestamp: Family::default(),
             ready: Gauge::default(),
             h2_goaway_sent: Family::default(),
             h2_resets_sent: Family::default(),
@@ -214,9 +219,15 @@ impl Metrics {
             m.access_log_dropped.clone(),
         );
         m.trace.register(&mut r);
+        r.register_with_unit(
+            "reload_last_timestamp",
+            "When the last reload with this result finished, in seconds since the epoch",
+            prometheus_client::registry::Unit::Seconds,
+            m.reload_timestamp.clone(),
+        );
         r.register_collector(Box::new(OpenConnections { conns }));
         Metrics {
-            registry: Arc::new(r),
+            registry: Arc::new(root),
             ..m
         }
     }
@@ -227,6 +238,12 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The Prometheus text format (version 0.0.4) of every series, for scrapers that do not ask
+    /// for OpenMetrics (curl, `promtool check metrics`, older Prometheus servers).
+    pub fn encode_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
     }
 
     pub fn connection_closed(&self, listener: &Name, reason: CloseReason) {
@@ -307,6 +324,37 @@ impl Metrics {
     }
 }
 
+/// Rewrites an OpenMetrics exposition into the Prometheus text format: the two differ only in
+/// how a counter family is named (OpenMetrics `x` with `x_total` samples; text `x_total`
+/// throughout), in `# UNIT` lines and in the closing `# EOF`, which the text format lacks.
+fn openmetrics_to_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut lines = om.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let counter = lines
+                .peek()
+                .and_then(|next| next.strip_prefix("# TYPE "))
+                .is_some_and(|t| t == format!("{name} counter"));
+            if counter {
+                lines.next();
+                out.push_str(&format!("# HELP {name}_total {help}\n# TYPE {name}_total counter\n"));
+            } else {
+                out.push_str(line);
+                out.push('\n');
+            }
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 /// A method as a bounded label value.
 pub fn method_label(m: &http::Method) -> &'static str {
     match *m {
@@ -355,5 +403,17 @@ impl Collector for OpenConnections {
             ConstGauge::new(n).encode(metric.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn openmetrics_counters_become_text_format_counters() {
+        let om = "# HELP a_b Requests.\n# TYPE a_b counter\na_b_total{x=\"1\"} 3\n# HELP t Time.\n# TYPE t_seconds gauge\n# UNIT t_seconds seconds\nt_seconds 1.5\n# EOF\n";
+        assert_eq!(
+            super::openmetrics_to_text(om),
+            "# HELP a_b_total Requests.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 3\n# HELP t Time.\n# TYPE t_seconds gauge\nt_seconds 1.5\n"
+        );
     }
 }

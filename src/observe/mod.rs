@@ -4,6 +4,8 @@ pub mod access_log;
 pub mod logging;
 pub mod metrics;
 pub mod otel;
+mod process;
+pub mod redact;
 mod switches;
 
 pub use access_log::AccessLog;

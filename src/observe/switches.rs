@@ -9,22 +9,37 @@ use std::sync::Arc;
 pub enum Switch {
     /// TLS handshake details: offered and chosen ALPN, version, cipher, SNI, resumption, failures.
     Tls,
-    /// Every connection open and close.
+    /// Every connection open, state transition (`idle -> busy`...) and close.
     Conn,
     /// Every accepted and refused connection, and every failed accept.
     Accept,
     /// Every HTTP/2 frame head in both directions: type, flags, stream, length (and error code).
     H2Frames,
+    /// Every HTTP/1.1 request and response header block with its size, sensitive values redacted
+    /// per `[log]`.
+    H1Headers,
+    /// Every reload: its trigger, what it changed or why it was refused, and how long each stage
+    /// took. Process-wide, so the `listener` and `peer` narrowing does not apply to it.
+    Reload,
 }
 
 impl Switch {
-    pub const ALL: [Switch; 4] = [Switch::Tls, Switch::Conn, Switch::Accept, Switch::H2Frames];
+    pub const ALL: [Switch; 6] = [
+        Switch::Tls,
+        Switch::Conn,
+        Switch::Accept,
+        Switch::H2Frames,
+        Switch::H1Headers,
+        Switch::Reload,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Switch::Tls => "tls",
             Switch::Conn => "conn",
             Switch::Accept => "accept",
             Switch::H2Frames => "h2_frames",
+            Switch::H1Headers => "h1_headers",
+            Switch::Reload => "reload",
         }
     }
     pub fn parse(s: &str) -> Option<Switch> {
@@ -155,6 +170,15 @@ impl Switches {
             return;
         }
         tracing::info!(switch = switch.as_str(), listener, "{}", message());
+    }
+
+    /// Emits a process-wide event (a reload) when `switch` is on. Such an event has neither a
+    /// listener nor a client, and a narrowing chosen to watch one client must not hide it.
+    pub fn process_event(&self, switch: Switch, message: impl FnOnce() -> String) {
+        if self.0.load().bits & switch.bit() == 0 {
+            return;
+        }
+        tracing::info!(switch = switch.as_str(), "{}", message());
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Negotiated {
     /// The client sent no ALPN extension at all.
     pub client_offered_no_alpn: bool,
     pub offered_alpn: Vec<String>,
+    /// The cipher suites the client offered, in its order (for the `tls` debug switch).
+    pub offered_ciphers: Vec<String>,
     pub resumed: bool,
 }
 
@@ -76,6 +78,11 @@ where
     };
     let hello = accepted.client_hello();
     let sni = hello.server_name().map(str::to_string);
+    let offered_ciphers: Vec<String> = hello
+        .cipher_suites()
+        .iter()
+        .map(|c| c.as_str().map_or_else(|| format!("{c:?}"), str::to_string))
+        .collect();
     let offered: Option<Vec<Vec<u8>>> = hello.alpn().map(|it| it.map(<[u8]>::to_vec).collect());
     let offered_alpn: Vec<String> = offered
         .iter()
@@ -147,6 +154,7 @@ where
             summary,
             client_offered_no_alpn: offered.is_none(),
             offered_alpn,
+            offered_ciphers,
             resumed,
         },
     ))

@@ -82,6 +82,7 @@ fn log_sink_differs(old: &Config, new: &Config) -> bool {
         || o.redact_headers != n.redact_headers
         || o.redact_query != n.redact_query
         || o.redact_mode != n.redact_mode
+        || o.hash_key_file != n.hash_key_file
 }
 
 /// Listeners are matched by name. Their sockets are bound once, so a listener that appears,

@@ -33,10 +33,20 @@ impl Gatehouse {
 
     /// Like `start`, with a log level and a chance to adjust the command (environment, wrapper).
     pub fn start_with(toml: &str, log_level: &str, adjust: impl FnOnce(&mut Command)) -> Gatehouse {
+        Gatehouse::launch(toml, "", log_level, adjust)
+    }
+
+    /// Like `start`, with more `[admin]` keys (`{dir}` replaced too), such as a `token_file`.
+    pub fn start_with_admin(toml: &str, admin_keys: &str) -> Gatehouse {
+        Gatehouse::launch(toml, admin_keys, "info", |_| {})
+    }
+
+    fn launch(toml: &str, admin_keys: &str, log_level: &str, adjust: impl FnOnce(&mut Command)) -> Gatehouse {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("gatehouse.toml");
-        let text = toml.replace("{dir}", dir.path().to_str().unwrap());
-        std::fs::write(&config, format!("{text}\n[admin]\naddress = \"127.0.0.1:0\"\n")).unwrap();
+        let text = format!("{toml}\n[admin]\naddress = \"127.0.0.1:0\"\n{admin_keys}\n")
+            .replace("{dir}", dir.path().to_str().unwrap());
+        std::fs::write(&config, text).unwrap();
         let mut cmd = command(log_level);
         cmd.arg("serve").arg("-c").arg(&config);
         adjust(&mut cmd);
