@@ -21,8 +21,8 @@ use crate::conn::{ConnSettings, ListenerShared, ProtocolPolicy, Registry};
 use crate::http::{HttpService, ServiceBody};
 use crate::lifecycle::upgrade::{Handover, Launch, ListeningSockets, ReadyReport, Role, Upgrader};
 use crate::lifecycle::{
-    Live, Owed, OwedGuard, Phase, ReloadError, ReloadHook, ReloadReport, ReloadTrigger, ShutdownTrigger, Signals, UpgradeError,
-    UpgradeReport,
+    Live, Owed, OwedGuard, Phase, ReloadError, ReloadHook, ReloadReport, ReloadTrigger, ShutdownTrigger, Signals,
+    UpgradeError, UpgradeReport,
 };
 use crate::listen::{self, BindError, ConnLimits};
 use crate::observe::{otel, AccessLog, Metrics, Name, Switches, Tracer};
