@@ -7,6 +7,7 @@ mod check;
 mod cli;
 mod connections;
 mod dist;
+mod doctor;
 mod drain;
 mod exhaustion;
 mod h2_abuse;
