@@ -531,8 +531,8 @@ fn prior_knowledge_detail(h: &Http2) -> String {
 
 /// Sends an `Upgrade: h2c` request (RFC 7540 §3.2) and reads the status line.
 async fn upgrade_probe(mut io: Box<dyn Io>, target: &Target, c: &mut H2c) {
-    // HTTP2-Settings: an empty SETTINGS payload, base64url-encoded (the empty string is valid,
-    // but some servers insist on a value; "AAMAAABkAAQAoAAAAAIAAAAA" is what curl sends).
+    // HTTP2-Settings: the SETTINGS payload curl sends, base64url-encoded (max concurrent streams
+    // 100, initial window 10 MiB, push off), so the server sees what a real upgrading client sends.
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: {USER_AGENT}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
         target.path,
