@@ -10,6 +10,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod conn;
+pub mod doctor;
 pub mod handlers;
 pub mod http;
 pub mod lifecycle;

@@ -68,6 +68,64 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Diagnose a server (any server): DNS, proxy, TCP, TLS, ALPN, HTTP/2 settings, connection
+    /// reuse, and why a downgrade happened. Exits 0 when it negotiates what was asked and reuses
+    /// connections, 1 when a problem was found (and explained), 2 when it could not connect.
+    Doctor(DoctorArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DoctorArgs {
+    /// The URL to diagnose, e.g. https://example.com/ (no scheme: https).
+    url: String,
+    /// Requests sent for the connection reuse test.
+    #[arg(long, default_value_t = gatehouse::doctor::DEFAULT_REQUESTS, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    requests: u32,
+    /// Offer and require HTTP/1.1 only.
+    #[arg(long, conflicts_with = "http2")]
+    http1: bool,
+    /// Offer and require HTTP/2 only (ALPN h2; h2c by prior knowledge for http:// URLs).
+    #[arg(long)]
+    http2: bool,
+    /// HTTP CONNECT proxy to go through, overriding HTTPS_PROXY/HTTP_PROXY/ALL_PROXY ("" for none).
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
+    /// Trust only the CA certificates in this PEM file (default: the system store).
+    #[arg(long, value_name = "FILE")]
+    cacert: Option<PathBuf>,
+    /// Report certificate problems as warnings instead of problems.
+    #[arg(long, short = 'k')]
+    insecure: bool,
+    /// Print the report as one JSON document (field names are stable; see docs/doctor.md).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `gatehouse doctor`: the report on stdout, the documented exit code.
+fn doctor(a: DoctorArgs) -> ExitCode {
+    let want = match (a.http1, a.http2) {
+        (true, _) => gatehouse::doctor::Want::Http1,
+        (_, true) => gatehouse::doctor::Want::Http2,
+        _ => gatehouse::doctor::Want::Any,
+    };
+    let report = gatehouse::doctor::run(&gatehouse::doctor::Options {
+        url: a.url,
+        requests: a.requests,
+        want,
+        proxy: a.proxy,
+        cacert: a.cacert,
+        insecure: a.insecure,
+    });
+    if a.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => eprintln!("gatehouse: cannot encode the report: {e}"),
+        }
+    } else {
+        print!("{}", report.render());
+    }
+    ExitCode::from(u8::try_from(report.exit_code).unwrap_or(1))
 }
 
 fn main() -> ExitCode {
@@ -81,6 +139,9 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Command::Doctor(args) = cli.command {
+        return doctor(args);
+    }
     match try_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -102,6 +163,7 @@ fn try_main(cli: Cli) -> Result<(), gatehouse::app::Exit> {
                 | Command::Check { config }
                 | Command::Reload { config, .. }
                 | Command::Upgrade { config, .. } => config.as_deref(),
+                Command::Doctor(_) => None,
             };
             gatehouse::config::load(path)
                 .map(|(c, _)| c.log.format)
@@ -136,5 +198,6 @@ fn try_main(cli: Cli) -> Result<(), gatehouse::app::Exit> {
             print!("{report}");
             Ok(())
         }
+        Command::Doctor(_) => Ok(()),
     }
 }

@@ -8,6 +8,7 @@ mod cli;
 mod connections;
 mod dashboard;
 mod dist;
+mod doctor;
 mod drain;
 mod exhaustion;
 mod h2_abuse;
