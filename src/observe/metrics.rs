@@ -218,7 +218,7 @@ impl Metrics {
             "Access log lines dropped because the sink was too slow",
             m.access_log_dropped.clone(),
         );
-        m.trace.register(&mut r);
+        m.trace.register(r);
         r.register_with_unit(
             "reload_last_timestamp",
             "When the last reload with this result finished, in seconds since the epoch",

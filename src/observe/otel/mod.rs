@@ -29,7 +29,7 @@ pub use export::{Endpoint, ExportSettings, ExportTask, Exporter};
 
 use crate::config::TracingConfig;
 use crate::conn::{ConnInfo, Protocol};
-use crate::observe::access_log::QueryRedactor;
+use crate::observe::redact::Redactor;
 use http::header;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -133,7 +133,7 @@ impl Tracer {
         parts: &http::request::Parts,
         conn: &ConnInfo,
         req_id: &str,
-        redact: &QueryRedactor,
+        redact: &Redactor,
     ) -> Box<RequestSpan> {
         let ids = IdSource::global();
         let parent = match incoming_parent(&parts.headers) {
@@ -232,7 +232,7 @@ fn encode_start(
     parts: &http::request::Parts,
     conn: &ConnInfo,
     req_id: &str,
-    redact: &QueryRedactor,
+    redact: &Redactor,
 ) {
     // Span: trace_id 1, span_id 2, trace_state 3, parent_span_id 4, name 5, kind 6,
     // start_time_unix_nano 7, end_time_unix_nano 8, attributes 9, status 15, flags 16.
@@ -264,7 +264,7 @@ fn encode_start(
         attr(b, "http.request.method_original", Value::Str(parts.method.as_str()));
     }
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let redacted = redact.redact(pq);
+    let redacted = redact.path(pq);
     let (path, query) = match redacted.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (&*redacted, None),
