@@ -647,6 +647,9 @@ impl Server {
                 second_signal.await;
             }
         };
+        // The accept loops close their sockets as the drain begins; the copies kept for an
+        // upgrade must close with them, or the kernel would keep queueing connections.
+        handle.listening_sockets().clear();
         // Connections cut at the deadline are counted by their own tasks as `drain_forced`.
         let report = crate::lifecycle::drain(handle.trigger(), &handle.registry, drain_timeout, second_signal).await;
         if !handed_over {

@@ -95,6 +95,12 @@ impl ListeningSockets {
         self.lock().retain(|(r, _)| r != role);
     }
 
+    /// Closes this table's duplicates. For a process that stops accepting: a socket kept open
+    /// here would go on completing handshakes into an accept queue nobody serves.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Role, std::net::TcpListener)>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -217,7 +223,7 @@ impl Upgrader {
                     .main_pid(pid, &format!("upgraded: pid {pid} took over from {previous_pid}"));
                 // The new process accepts on every socket already; this table's copies only keep
                 // them open here.
-                self.sockets.lock().clear();
+                self.sockets.clear();
                 Ok(UpgradeReport { pid, previous_pid })
             }
             Ok(pid) => {
