@@ -133,8 +133,11 @@ pub async fn http1(dialer: &Dialer, first: Box<dyn Io>, n: u32) -> Reuse {
             };
             let exchange = async {
                 let resp = c.sender.send_request(req).await?;
-                let (parts, body) = resp.into_parts();
-                body.collect().await?;
+                let (parts, mut body) = resp.into_parts();
+                // Drained frame by frame, not collected: the URL may be a large download.
+                while let Some(frame) = body.frame().await {
+                    frame?;
+                }
                 Ok::<_, hyper::Error>(parts)
             };
             match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
