@@ -15,6 +15,7 @@ pub mod http;
 pub mod lifecycle;
 pub mod listen;
 pub mod observe;
+pub mod proxy;
 pub mod route;
 mod server;
 pub mod tls;

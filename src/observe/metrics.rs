@@ -109,6 +109,8 @@ pub struct Metrics {
     pub h2_resets_sent: Family<ReasonLabels, Counter>,
     pub h2_flood: Family<FrameLabels, Counter>,
     pub access_log_dropped: Counter,
+    /// The reverse proxy's series (`gatehouse_upstream_*`).
+    pub upstream: crate::proxy::UpstreamMetrics,
     registry: Arc<PromRegistry>,
 }
 
@@ -133,6 +135,7 @@ impl Metrics {
             h2_resets_sent: Family::default(),
             h2_flood: Family::default(),
             access_log_dropped: Counter::default(),
+            upstream: crate::proxy::UpstreamMetrics::default(),
             registry: Arc::new(PromRegistry::default()),
         };
         r.register(
@@ -200,6 +203,7 @@ impl Metrics {
             "Access log lines dropped because the sink was too slow",
             m.access_log_dropped.clone(),
         );
+        m.upstream.register(&mut r);
         r.register_collector(Box::new(OpenConnections { conns }));
         Metrics {
             registry: Arc::new(r),

@@ -12,6 +12,7 @@ mod exhaustion;
 mod h2_abuse;
 mod malformed;
 mod protocols;
+mod proxy;
 mod reload;
 mod systemd;
 mod timeouts;
