@@ -333,7 +333,7 @@ impl super::Config {
             }
             if !self.routes.iter().any(|r| r.proxy.as_deref() == Some(u.name.as_str())) {
                 f.warning(
-                    format!("{key}"),
+                    key.clone(),
                     format!("no route proxies to upstream `{}`", u.name),
                     "add a [[routes]] entry with proxy = its name, or remove it",
                 );
@@ -365,7 +365,11 @@ impl super::Config {
             );
         }
         if !self.rate_limits.is_empty() {
-            f.error("rate_limits", "[[rate_limits]] are not available in this version", NOT_YET);
+            f.error(
+                "rate_limits",
+                "[[rate_limits]] are not available in this version",
+                NOT_YET,
+            );
         }
     }
 }

@@ -167,7 +167,10 @@ where
                     answer_body_fault(record, fault, body_read_timeout)
                 }
                 Ok(Ok(Ok(mut resp))) => {
-                    let error = resp.extensions_mut().remove::<AccessLogError>().map(|e| Cow::Owned(e.0));
+                    let error = resp
+                        .extensions_mut()
+                        .remove::<AccessLogError>()
+                        .map(|e| Cow::Owned(e.0));
                     let (parts, body) = resp.into_parts();
                     record.attach_note(
                         Response::from_parts(parts, Instrumented::inner(body)),
@@ -390,7 +393,12 @@ impl Record {
     }
 
     /// Attaches the record to the response, which reports it when its body ends.
-    fn attach<B>(self, resp: Response<Instrumented<B>>, close: bool, error: Option<&'static str>) -> Response<Instrumented<B>>
+    fn attach<B>(
+        self,
+        resp: Response<Instrumented<B>>,
+        close: bool,
+        error: Option<&'static str>,
+    ) -> Response<Instrumented<B>>
     where
         Instrumented<B>: Body,
     {
@@ -601,7 +609,8 @@ where
             Some(Err(e)) => {
                 if let Some(rec) = this.record.as_mut() {
                     let note = e.downcast_ref::<AccessLogError>().map(|n| Cow::Owned(n.0.clone()));
-                    rec.error.get_or_insert(note.unwrap_or(Cow::Borrowed("response_body_error")));
+                    rec.error
+                        .get_or_insert(note.unwrap_or(Cow::Borrowed("response_body_error")));
                 }
             }
             None => {

@@ -32,7 +32,14 @@ pub struct ConnectSettings {
     pub idle_timeout: Duration,
     /// What the settings were built from, CA file contents included: a reload keeps a server's
     /// pool (and its warm connections) exactly when this is unchanged.
-    pub source: (UpstreamProtocol, Option<UpstreamTls>, Vec<u8>, Duration, usize, Duration),
+    pub source: (
+        UpstreamProtocol,
+        Option<UpstreamTls>,
+        Vec<u8>,
+        Duration,
+        usize,
+        Duration,
+    ),
 }
 
 /// A rustls client for one upstream.
@@ -233,11 +240,7 @@ where
 
 /// Builds the TLS client for an upstream: its CA file (PEM) or the system's CA bundle, and the
 /// ALPN ids its `protocol` offers. `ca_pem` is the file's contents, already read.
-pub fn tls_client(
-    protocol: UpstreamProtocol,
-    tls: &UpstreamTls,
-    ca_pem: Option<&[u8]>,
-) -> Result<TlsClient, String> {
+pub fn tls_client(protocol: UpstreamProtocol, tls: &UpstreamTls, ca_pem: Option<&[u8]>) -> Result<TlsClient, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();

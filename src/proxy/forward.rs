@@ -21,7 +21,11 @@ use std::time::Instant;
 pub async fn forward(upstream: Arc<Upstream>, mut req: Request<RequestBody>) -> Response<ResponseBody> {
     let name = &upstream.spec.name.0;
     if req.method() == Method::CONNECT {
-        return refusal(StatusCode::NOT_IMPLEMENTED, "CONNECT is not proxied\n", "proxy:connect_not_proxied");
+        return refusal(
+            StatusCode::NOT_IMPLEMENTED,
+            "CONNECT is not proxied\n",
+            "proxy:connect_not_proxied",
+        );
     }
     if upstream.spec.host == HostRewrite::Preserve && headers::client_host(req.uri(), req.headers()).is_none() {
         return refusal(StatusCode::BAD_REQUEST, "the request has no Host\n", "proxy:no_host");
@@ -93,7 +97,7 @@ pub async fn forward(upstream: Arc<Upstream>, mut req: Request<RequestBody>) -> 
                     }
                     Err(ce) => break Err(Failed::Connect(ce)),
                 };
-                outgoing = req;
+                outgoing = *req;
             }
             Ok(Err(SendError::NotSent(e, _) | SendError::Failed(e))) => break Err(Failed::Hyper(e)),
             Ok(Err(SendError::Released)) => break Err(Failed::Released),
@@ -104,7 +108,12 @@ pub async fn forward(upstream: Arc<Upstream>, mut req: Request<RequestBody>) -> 
         Err(failed) => {
             watch.disarm();
             lease.fate = "error";
-            return failed.answer(&pool, &body_state, lease.first_h2_exchange(), &spec.response_header_timeout);
+            return failed.answer(
+                &pool,
+                &body_state,
+                lease.first_h2_exchange(),
+                &spec.response_header_timeout,
+            );
         }
     };
     pool.observe_latency(started.elapsed());

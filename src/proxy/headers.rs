@@ -34,7 +34,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")));
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
@@ -132,7 +136,11 @@ pub fn to_upstream(
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        append(&mut parts.headers, HeaderName::from_static("x-forwarded-for"), &ip.to_string());
+        append(
+            &mut parts.headers,
+            HeaderName::from_static("x-forwarded-for"),
+            &ip.to_string(),
+        );
         let node = match ip {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => format!("[{v6}]"),
@@ -143,9 +151,10 @@ pub fn to_upstream(
         }
         append(&mut parts.headers, header::FORWARDED, &fwd);
     }
-    parts
-        .headers
-        .insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
+    parts.headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(proto),
+    );
     append_via(&mut parts.headers, received);
     restore_trace_context(&mut parts.headers, trace);
 
@@ -170,7 +179,9 @@ pub fn to_upstream(
         parts.uri = path.parse().map_err(|_| "the path cannot form a URI")?;
         parts.version = Version::HTTP_11;
         if let Some(up) = upgrade {
-            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, up);
         }
     }
@@ -183,7 +194,9 @@ pub fn to_client(parts: &mut http::response::Parts, switching: bool) {
     let upgrade = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
     if switching {
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         if let Some(u) = upgrade {
             parts.headers.insert(header::UPGRADE, u);
         }

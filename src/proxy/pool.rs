@@ -210,7 +210,7 @@ impl ServerPool {
             // Whoever held the gate may have just opened a connection this request can share.
             let reason = match self.take_pooled() {
                 Ok(lease) => return Ok(lease),
-                Err(r) if r == "pool_empty" => reason,
+                Err("pool_empty") => reason,
                 Err(r) => r,
             };
             self.open(reason).await
@@ -241,7 +241,11 @@ impl ServerPool {
                         streams: c.streams.clone(),
                     }),
                     reused: true,
-                    wire: if self.settings.tls.is_some() { Wire::H2 } else { Wire::H2c },
+                    wire: if self.settings.tls.is_some() {
+                        Wire::H2
+                    } else {
+                        Wire::H2c
+                    },
                     fate: "upstream_closed",
                 };
                 return Ok(lease);
@@ -401,14 +405,17 @@ async fn sweep(pool: Weak<ServerPool>) {
 impl Lease {
     /// Sends `req` on this connection. The request comes back in the error when it was not
     /// sent at all (a pooled connection that closed just before), so it can go on another.
-    pub async fn send(&mut self, req: http::Request<UpBody>) -> Result<http::Response<hyper::body::Incoming>, SendError> {
+    pub async fn send(
+        &mut self,
+        req: http::Request<UpBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, SendError> {
         let sent = match self.conn.as_mut() {
             Some(Leased::H1 { sender, .. }) => sender.try_send_request(req).await,
             Some(Leased::H2 { sender, .. }) => sender.try_send_request(req).await,
             None => return Err(SendError::Released),
         };
         sent.map_err(|mut e| match e.take_message() {
-            Some(req) => SendError::NotSent(e.into_error(), req),
+            Some(req) => SendError::NotSent(e.into_error(), Box::new(req)),
             None => SendError::Failed(e.into_error()),
         })
     }
@@ -448,7 +455,7 @@ impl Lease {
 /// Why [`Lease::send`] got no response.
 pub enum SendError {
     /// The connection closed before the request left: it can go on another connection.
-    NotSent(hyper::Error, http::Request<UpBody>),
+    NotSent(hyper::Error, Box<http::Request<UpBody>>),
     /// The exchange failed after the request (or part of it) was sent.
     Failed(hyper::Error),
     /// The lease had already given its connection back (a bug, answered as a 502).

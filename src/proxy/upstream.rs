@@ -54,7 +54,11 @@ pub fn compile(config: &Config, f: &mut Findings) -> Vec<Arc<UpstreamSpec>> {
 fn compile_one(i: usize, u: &UpstreamConfig, f: &mut Findings) -> Option<UpstreamSpec> {
     let key = format!("upstreams[{i}]");
     let needs_tls = matches!(u.protocol, UpstreamProtocol::H2 | UpstreamProtocol::Auto) || u.tls.is_some();
-    let tls_cfg = u.tls.clone().filter(|_| needs_tls).or_else(|| needs_tls.then(Default::default));
+    let tls_cfg = u
+        .tls
+        .clone()
+        .filter(|_| needs_tls)
+        .or_else(|| needs_tls.then(Default::default));
     let mut ca_bytes = Vec::new();
     let tls = match &tls_cfg {
         None => None,

@@ -225,10 +225,13 @@ async fn route(table: &RouteTable, gateway: &Gateway, mut req: Request<RequestBo
         }
     });
     // A proxied body streams to the upstream; every other handler answers without it.
-    if let Some((Route {
-        handler: Handler::Proxy { upstream },
-        ..
-    }, _)) = &found
+    if let Some((
+        Route {
+            handler: Handler::Proxy { upstream },
+            ..
+        },
+        _,
+    )) = &found
     {
         return match gateway.get(upstream) {
             Some(u) => crate::proxy::forward(u, req).await,

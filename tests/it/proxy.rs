@@ -35,6 +35,8 @@ fn text(body: impl Into<Bytes>) -> Resp {
     Response::new(Full::new(body.into()).map_err(|e: Infallible| match e {}).boxed())
 }
 
+type FrameTx = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+
 /// A body whose frames the test sends through a channel.
 struct ChannelBody(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>);
 
@@ -49,10 +51,7 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
-fn channel_body() -> (
-    tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
-    BoxBody<Bytes, BoxError>,
-) {
+fn channel_body() -> (FrameTx, BoxBody<Bytes, BoxError>) {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     (tx, ChannelBody(rx).boxed())
 }
@@ -304,7 +303,11 @@ proxy = \"tls\"
     for (c, url, upstream_version, what) in cases {
         let resp = c.get(&url).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{what}");
-        assert_eq!(resp.text().await.unwrap(), format!("hello over {upstream_version}"), "{what}");
+        assert_eq!(
+            resp.text().await.unwrap(),
+            format!("hello over {upstream_version}"),
+            "{what}"
+        );
     }
     for (up, server, protocol) in [
         ("one", h1.addr, "http/1.1"),
@@ -408,7 +411,8 @@ async fn connection_close_from_upstream_is_the_counted_reason() {
         Kind::H1,
         handler(|_| async {
             let mut r = text("bye");
-            r.headers_mut().insert("connection", http::HeaderValue::from_static("close"));
+            r.headers_mut()
+                .insert("connection", http::HeaderValue::from_static("close"));
             r
         }),
     )
@@ -430,7 +434,10 @@ async fn connection_close_from_upstream_is_the_counted_reason() {
     assert_eq!(reason("pool_empty"), 1.0);
     assert_eq!(reason("connection_close_header"), 2.0);
     assert_eq!(be.accepted.load(SeqCst), 3);
-    assert_eq!(srv.metric(&series("upstream_connection_reuse_ratio", "upstream=\"api\"")), 0.0);
+    assert_eq!(
+        srv.metric(&series("upstream_connection_reuse_ratio", "upstream=\"api\"")),
+        0.0
+    );
     srv.stop().await;
 }
 
@@ -443,7 +450,8 @@ async fn hop_by_hop_removed_and_forwarding_headers_set() {
             r.headers_mut()
                 .insert("connection", http::HeaderValue::from_static("x-up-hop"));
             r.headers_mut().insert("x-up-hop", http::HeaderValue::from_static("1"));
-            r.headers_mut().insert("keep-alive", http::HeaderValue::from_static("timeout=5"));
+            r.headers_mut()
+                .insert("keep-alive", http::HeaderValue::from_static("timeout=5"));
             r
         }),
     )
@@ -523,7 +531,8 @@ async fn host_rewrite_and_ipv6_forwarded_quoting() {
     assert!(seen.starts_with("GET http://api.internal/x HTTP/2.0\n"), "{seen}");
     assert!(seen.lines().any(|l| l == "x-forwarded-for: ::1"), "{seen}");
     assert!(
-        seen.lines().any(|l| l.starts_with("forwarded: for=\"[::1]\";proto=http;host=")),
+        seen.lines()
+            .any(|l| l.starts_with("forwarded: for=\"[::1]\";proto=http;host=")),
         "{seen}"
     );
     srv.stop().await;
@@ -551,7 +560,9 @@ async fn bodies_stream_both_ways_without_buffering() {
                 }
                 let (tx, resp_body) = channel_body();
                 tokio::spawn(async move {
-                    tx.send(Ok(Frame::data(Bytes::from(format!("rest {total};"))))).await.unwrap();
+                    tx.send(Ok(Frame::data(Bytes::from(format!("rest {total};")))))
+                        .await
+                        .unwrap();
                     release_rx.lock().await.recv().await;
                     tx.send(Ok(Frame::data(Bytes::from_static(b"done")))).await.unwrap();
                 });
@@ -570,7 +581,9 @@ async fn bodies_stream_both_ways_without_buffering() {
             .expect("the upstream must get the first chunk while the client is still sending")
             .unwrap();
         assert_eq!(first, "first");
-        tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 100_000])))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 100_000]))))
+            .await
+            .unwrap();
         drop(tx);
         let resp = tokio::time::timeout(Duration::from_secs(5), pending)
             .await
@@ -655,8 +668,10 @@ async fn websocket_echo_through_the_proxy() {
             });
             let mut r = Response::new(BoxBody::default());
             *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            r.headers_mut().insert("connection", http::HeaderValue::from_static("upgrade"));
-            r.headers_mut().insert("upgrade", http::HeaderValue::from_static("websocket"));
+            r.headers_mut()
+                .insert("connection", http::HeaderValue::from_static("upgrade"));
+            r.headers_mut()
+                .insert("upgrade", http::HeaderValue::from_static("websocket"));
             r.headers_mut()
                 .insert("sec-websocket-accept", http::HeaderValue::from_static(ACCEPT));
             r
@@ -685,7 +700,10 @@ async fn websocket_echo_through_the_proxy() {
     let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
-    assert!(head.contains(&format!("sec-websocket-accept: {}", ACCEPT.to_ascii_lowercase())), "{head}");
+    assert!(
+        head.contains(&format!("sec-websocket-accept: {}", ACCEPT.to_ascii_lowercase())),
+        "{head}"
+    );
     let mask = [1u8, 2, 3, 4];
     let mut frame = vec![0x81, 0x80 | 5];
     frame.extend_from_slice(&mask);
@@ -751,7 +769,10 @@ async fn upstream_killed_mid_response_aborts_the_client_and_then_502() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("transfer-encoding: chunked"), "{text}");
     assert!(text.contains("partial"), "{text}");
-    assert!(!text.ends_with("0\r\n\r\n"), "the response must not look complete:\n{text}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "the response must not look complete:\n{text}"
+    );
     let err = tokio::time::timeout(Duration::from_secs(5), h2_body.data())
         .await
         .unwrap()
@@ -864,7 +885,11 @@ async fn client_going_away_cancels_the_upstream_request() {
         "upstream_requests_total",
         &format!("upstream=\"api\",server=\"{}\",status=\"cancelled\"", be.addr),
     );
-    assert!(srv.wait_metric(&cancelled, 1.0).await, "{}", srv.handle.metrics.encode());
+    assert!(
+        srv.wait_metric(&cancelled, 1.0).await,
+        "{}",
+        srv.handle.metrics.encode()
+    );
     // Not an upstream failure.
     let errors = srv.handle.metrics.encode();
     assert!(!errors.contains("gatehouse_upstream_errors_total{"), "{errors}");
@@ -884,7 +909,11 @@ async fn reload_moves_traffic_to_the_new_servers_and_closes_idle_old_connections
     let mut next = (*srv.handle.config()).clone();
     next.upstreams[0].servers = vec![b.addr.to_string()];
     let report = srv.handle.reload(next).await.unwrap();
-    assert!(report.changed.contains(&"upstreams".to_string()), "{:?}", report.changed);
+    assert!(
+        report.changed.contains(&"upstreams".to_string()),
+        "{:?}",
+        report.changed
+    );
     assert_eq!(c.get(&url).send().await.unwrap().text().await.unwrap(), "b");
     for _ in 0..500 {
         if a.open.load(SeqCst) == 0 {
@@ -892,7 +921,11 @@ async fn reload_moves_traffic_to_the_new_servers_and_closes_idle_old_connections
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(a.open.load(SeqCst), 0, "the idle connection to the removed server must close");
+    assert_eq!(
+        a.open.load(SeqCst),
+        0,
+        "the idle connection to the removed server must close"
+    );
     srv.stop().await;
 }
 
