@@ -363,6 +363,7 @@ impl Server {
     /// table. Without it a reload leaves the served service alone: a library user's own tower
     /// service keeps running unchanged across reloads, which still apply to everything else.
     pub fn with_config_routes(self, router: &Router) -> Self {
+        router.set_upstream_metrics(self.handle.metrics.upstream.clone());
         self.handle.live.set_router(router.clone());
         self
     }

@@ -6,11 +6,13 @@
 mod load;
 mod telemetry;
 mod units;
+mod upstream;
 mod validate;
 
 pub use load::{load, load_str, ConfigSource, LoadError};
 pub use telemetry::TracingConfig;
 pub use units::{Size, Span};
+pub use upstream::*;
 pub use validate::{Finding, Findings, Severity};
 
 use serde::{Deserialize, Serialize};
@@ -94,6 +96,12 @@ pub struct Config {
     pub http2: Http2Config,
     pub shutdown: ShutdownConfig,
     pub routes: Vec<RouteConfig>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<UpstreamConfig>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub traffic_classes: Vec<TrafficClassConfig>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimitConfig>,
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub debug: DebugConfig,
@@ -378,6 +386,9 @@ pub struct RouteConfig {
     pub respond: Option<FixedResponse>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builtin: Option<Builtin>,
+    /// A `[[rate_limits]]` name applied to this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
 }
 
 fn default_host() -> String {
@@ -516,6 +527,7 @@ impl RouteConfig {
             redirect_status: None,
             respond: None,
             builtin: None,
+            rate_limit: None,
         }
     }
 }

@@ -90,6 +90,7 @@ impl Config {
         self.validate_listeners(&mut f);
         self.validate_bounds(&mut f);
         self.validate_routes(&mut f);
+        self.validate_upstreams(&mut f);
         self.validate_admin_and_log(&mut f);
         f
     }
@@ -442,13 +443,6 @@ impl Config {
                         "create it, or point static at the directory to serve",
                     );
                 }
-            }
-            if r.proxy.is_some() {
-                f.error(
-                    format!("{key}.proxy"),
-                    "proxy routes need [[upstreams]], which this build does not support yet",
-                    "use static, redirect or respond for this route",
-                );
             }
             if let Some(target) = &r.redirect {
                 if target.parse::<http::Uri>().is_err() || target.is_empty() {

@@ -18,6 +18,8 @@ pub enum ResponseBody {
     Empty,
     Full(Option<Bytes>),
     File(FileBody),
+    /// A proxied upstream response, streamed as it arrives (trailers included).
+    Upstream(crate::proxy::UpstreamBody),
 }
 
 impl ResponseBody {
@@ -52,13 +54,14 @@ impl From<Bytes> for ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = std::io::Error;
+    type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ResponseBody::Empty => Poll::Ready(None),
             ResponseBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ResponseBody::File(f) => Pin::new(f).poll_frame(cx),
+            ResponseBody::File(f) => Pin::new(f).poll_frame(cx).map_err(Into::into),
+            ResponseBody::Upstream(u) => Pin::new(u).poll_frame(cx).map_err(Into::into),
         }
     }
 
@@ -67,6 +70,7 @@ impl Body for ResponseBody {
             ResponseBody::Empty => true,
             ResponseBody::Full(b) => b.is_none(),
             ResponseBody::File(f) => f.remaining == 0,
+            ResponseBody::Upstream(u) => u.is_end_stream(),
         }
     }
 
@@ -75,6 +79,7 @@ impl Body for ResponseBody {
             ResponseBody::Empty => SizeHint::with_exact(0),
             ResponseBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ResponseBody::File(f) => SizeHint::with_exact(f.remaining),
+            ResponseBody::Upstream(u) => u.size_hint(),
         }
     }
 }

@@ -6,7 +6,7 @@ mod pipeline;
 mod request_body;
 
 pub use head::{check_head, Refusal};
-pub use pipeline::{strip_port, Instrumented, Pipeline, RequestContext};
+pub use pipeline::{strip_port, AccessLogError, Instrumented, Pipeline, RequestContext};
 pub use request_body::{BodyFault, BodyLimitExceeded, BodyReadTimeout, BodyState, RequestBody};
 
 use body::BoxError;

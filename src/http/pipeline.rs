@@ -22,6 +22,7 @@ use futures_util::FutureExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -40,6 +41,14 @@ pub struct RequestContext {
     /// 1-based number of this request on its connection.
     pub seq: u64,
 }
+
+/// What went wrong with a request, in words, for the access log's `error` field: a handler puts
+/// it in its response's extensions (an answer it made for a failure), or returns it as its
+/// response body's error (a failure after the response started, such as an upstream that died
+/// mid-body). The access log then names the cause instead of a generic label.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AccessLogError(pub String);
 
 impl RequestContext {
     /// `<connection id>-<sequence>`: unique per process, and names the connection.
@@ -168,12 +177,16 @@ where
                     let fault = body_state.fault().unwrap_or(BodyFault::Aborted);
                     answer_body_fault(record, fault, body_read_timeout)
                 }
-                Ok(Ok(Ok(resp))) => {
+                Ok(Ok(Ok(mut resp))) => {
+                    let error = resp
+                        .extensions_mut()
+                        .remove::<AccessLogError>()
+                        .map(|e| Cow::Owned(e.0));
                     let (parts, body) = resp.into_parts();
-                    record.attach(
+                    record.attach_note(
                         Response::from_parts(parts, Instrumented::inner(body)),
                         close_after,
-                        None,
+                        error,
                     )
                 }
                 Ok(Ok(Err(e))) => {
@@ -384,7 +397,7 @@ struct Record {
     host: String,
     path: String,
     status: u16,
-    error: Option<&'static str>,
+    error: Option<Cow<'static, str>>,
     bytes_out: u64,
     body: Arc<BodyState>,
     complete_if_dropped: bool,
@@ -443,10 +456,23 @@ impl Record {
 
     /// Attaches the record to the response, which reports it when its body ends.
     fn attach<B>(
+        self,
+        resp: Response<Instrumented<B>>,
+        close: bool,
+        error: Option<&'static str>,
+    ) -> Response<Instrumented<B>>
+    where
+        Instrumented<B>: Body,
+    {
+        self.attach_note(resp, close, error.map(Cow::Borrowed))
+    }
+
+    /// `attach` with an error in words (see [`AccessLogError`]).
+    fn attach_note<B>(
         mut self,
         mut resp: Response<Instrumented<B>>,
         close: bool,
-        error: Option<&'static str>,
+        error: Option<Cow<'static, str>>,
     ) -> Response<Instrumented<B>>
     where
         Instrumented<B>: Body,
@@ -479,10 +505,12 @@ impl Record {
     fn finish(mut self, aborted: bool) {
         let listener = &self.conn.listener;
         let elapsed = self.started.elapsed();
-        let error = match (self.error, aborted) {
+        let error: Option<Cow<'static, str>> = match (self.error.take(), aborted) {
             (Some(e), _) => Some(e),
-            (None, true) if self.conn.close_cause.get() == Some(&CloseReason::WriteTimeout) => Some("timeout:write"),
-            (None, true) => Some("response_aborted"),
+            (None, true) if self.conn.close_cause.get() == Some(&CloseReason::WriteTimeout) => {
+                Some(Cow::Borrowed("timeout:write"))
+            }
+            (None, true) => Some(Cow::Borrowed("response_aborted")),
             _ => None,
         };
         if let (Some(span), Some(tracer)) = (self.span.take(), &listener.tracer) {
@@ -490,7 +518,7 @@ impl Record {
                 *span,
                 SpanEnd {
                     status: self.status,
-                    error,
+                    error: error.as_deref(),
                     aborted,
                     elapsed,
                     bytes_in: self.body.bytes(),
@@ -663,9 +691,11 @@ where
                     set_peer_wait(this.record, this.awaiting_peer, true);
                 }
             }
-            Some(Err(_)) => {
+            Some(Err(e)) => {
                 if let Some(rec) = this.record.as_mut() {
-                    rec.error.get_or_insert("response_body_error");
+                    let note = e.downcast_ref::<AccessLogError>().map(|n| Cow::Owned(n.0.clone()));
+                    rec.error
+                        .get_or_insert(note.unwrap_or(Cow::Borrowed("response_body_error")));
                 }
             }
             None => {

@@ -104,6 +104,12 @@ impl RequestBody {
         }
     }
 
+    /// What the pipeline learns from this body (its faults), for a handler that hands the body
+    /// on (the proxy) and must tell a client's failure from its upstream's.
+    pub fn state(&self) -> Arc<BodyState> {
+        self.state.clone()
+    }
+
     /// The gap since the last frame started with this wait: starts (or restarts) the timer, then
     /// reports whether it has run out.
     fn gap_expired(&mut self, cx: &mut Context<'_>) -> bool {

@@ -333,12 +333,12 @@ impl Live {
         } = s;
         match (self.router.load().as_deref(), routes) {
             (Some(router), Some(table)) => {
-                if plan.changed.iter().any(|c| c == "routes") {
+                if plan.changed.iter().any(|c| c == "routes" || c == "upstreams") {
                     router.replace(table);
                 }
             }
             // The server runs its user's own service: `[[routes]]` is not what it serves.
-            _ => plan.changed.retain(|c| c != "routes"),
+            _ => plan.changed.retain(|c| c != "routes" && c != "upstreams"),
         }
         let settings = Arc::new(ConnSettings {
             timeouts: config.timeouts.clone(),

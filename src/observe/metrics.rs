@@ -113,6 +113,8 @@ pub struct Metrics {
     pub h2_flood: Family<FrameLabels, Counter>,
     pub access_log_dropped: Counter,
     pub trace: crate::observe::otel::TraceMetrics,
+    /// The reverse proxy's series (`gatehouse_upstream_*`).
+    pub upstream: crate::proxy::UpstreamMetrics,
     registry: Arc<PromRegistry>,
 }
 
@@ -143,6 +145,7 @@ impl Metrics {
             h2_flood: Family::default(),
             access_log_dropped: Counter::default(),
             trace: Default::default(),
+            upstream: crate::proxy::UpstreamMetrics::default(),
             registry: Arc::new(PromRegistry::default()),
         };
         r.register(
@@ -225,6 +228,7 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             m.reload_timestamp.clone(),
         );
+        m.upstream.register(r);
         r.register_collector(Box::new(OpenConnections { conns }));
         Metrics {
             registry: Arc::new(root),

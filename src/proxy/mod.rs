@@ -1,1 +1,28 @@
+//! The reverse proxy: `proxy = "NAME"` routes forward to `[[upstreams]]` over pooled HTTP/1.1
+//! and HTTP/2 connections, and say what happened when an upstream fails.
+//!
+//! The pool is gatehouse's own, on `hyper::client::conn::{http1, http2}`, rather than
+//! hyper-util's legacy `Client`: that client opens, reuses and drops connections out of sight,
+//! and gatehouse's promise is that connection reuse never fails silently. Here every new
+//! connection is counted with the reason it was needed (see [`pool`]), the reuse ratio is a
+//! metric, and an ALPN fall back to HTTP/1.1 is counted and logged.
+//!
+//! Layout: [`connect`] opens one connection (TCP, TLS, ALPN, handshake); [`pool`] keeps them per
+//! server; [`upstream`] holds the configured upstreams, reconciles them on reload and balances;
+//! [`headers`] rewrites heads both ways; [`forward`] runs one exchange; [`body`] streams the
+//! response back; [`upgrade`] tunnels `101 Switching Protocols`.
+
+pub mod body;
+pub mod connect;
+pub mod forward;
+pub mod headers;
+pub mod metrics;
+pub mod pool;
+pub mod upgrade;
+pub mod upstream;
+
+pub use body::UpstreamBody;
+pub use forward::forward;
+pub use metrics::UpstreamMetrics;
+pub use upstream::{compile, Gateway, Upstream, UpstreamSpec};
 pub mod resilience;

@@ -4,6 +4,7 @@ use crate::config::{Builtin, Config, Findings, RouteConfig};
 use crate::handlers::{self, StaticFiles};
 use crate::http::body::ResponseBody;
 use crate::http::{RequestBody, RequestContext};
+use crate::proxy::{Gateway, UpstreamSpec};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -58,6 +59,10 @@ pub enum Handler {
         content_type: HeaderValue,
     },
     ConnectionInfo,
+    /// Forward to the named `[[upstreams]]` entry.
+    Proxy {
+        upstream: Arc<str>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -76,14 +81,16 @@ impl Route {
     }
 }
 
-/// The compiled `[[routes]]`.
+/// The compiled `[[routes]]`, and the `[[upstreams]]` their proxy routes use.
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
     pub routes: Vec<Route>,
+    pub upstreams: Vec<Arc<UpstreamSpec>>,
 }
 
 impl RouteTable {
-    /// Compiles the routes; problems (a static directory that cannot be opened) go to `f`.
+    /// Compiles the routes and upstreams; problems (a static directory that cannot be opened, an
+    /// unreadable CA file) go to `f`.
     pub fn build(config: &Config, f: &mut Findings) -> RouteTable {
         let routes = config
             .routes
@@ -91,7 +98,10 @@ impl RouteTable {
             .enumerate()
             .filter_map(|(i, r)| compile(i, r, f))
             .collect();
-        RouteTable { routes }
+        RouteTable {
+            routes,
+            upstreams: crate::proxy::compile(config, f),
+        }
     }
 }
 
@@ -123,6 +133,10 @@ fn compile(i: usize, r: &RouteConfig, f: &mut Findings) -> Option<Route> {
         }
     } else if let Some(Builtin::ConnectionInfo) = r.builtin {
         Handler::ConnectionInfo
+    } else if let Some(name) = &r.proxy {
+        Handler::Proxy {
+            upstream: Arc::from(name.as_str()),
+        }
     } else {
         return None; // a route with no usable handler was reported by Config::validate
     };
@@ -133,21 +147,31 @@ fn compile(i: usize, r: &RouteConfig, f: &mut Findings) -> Option<Route> {
     })
 }
 
-/// The binary's request handler: a tower service over the live route table.
+/// The binary's request handler: a tower service over the live route table and upstreams.
 #[derive(Clone, Debug)]
 pub struct Router {
     table: Arc<ArcSwap<RouteTable>>,
+    gateway: Arc<Gateway>,
 }
 
 impl Router {
     pub fn new(table: RouteTable) -> Self {
+        let gateway = Arc::new(Gateway::default());
+        gateway.apply(&table.upstreams);
         Router {
             table: Arc::new(ArcSwap::from_pointee(table)),
+            gateway,
         }
     }
-    /// Replaces the routes for new requests; requests in flight keep the table they started with.
+    /// Replaces the routes and upstreams for new requests; requests in flight keep the table
+    /// they started with. Upstream servers that remain keep their pooled connections.
     pub fn replace(&self, table: RouteTable) {
+        self.gateway.apply(&table.upstreams);
         self.table.store(Arc::new(table));
+    }
+    /// Records the proxy's metrics into `metrics` (the server's, which exposes them).
+    pub fn set_upstream_metrics(&self, metrics: crate::proxy::UpstreamMetrics) {
+        self.gateway.set_metrics(metrics);
     }
 }
 
@@ -164,7 +188,8 @@ impl tower_service::Service<Request<RequestBody>> for Router {
 
     fn call(&mut self, req: Request<RequestBody>) -> RouterFuture {
         let table = self.table.load_full();
-        Box::pin(async move { Ok(route(&table, req).await) })
+        let gateway = self.gateway.clone();
+        Box::pin(async move { Ok(route(&table, &gateway, req).await) })
     }
 }
 
@@ -189,21 +214,38 @@ async fn discard_body(body: &mut RequestBody) -> Result<(), crate::http::body::B
     Ok(())
 }
 
-async fn route(table: &RouteTable, mut req: Request<RequestBody>) -> Response<ResponseBody> {
-    if discard_body(req.body_mut()).await.is_err() {
-        return handlers::text(StatusCode::BAD_REQUEST, "request body could not be read\n");
-    }
+async fn route(table: &RouteTable, gateway: &Gateway, mut req: Request<RequestBody>) -> Response<ResponseBody> {
     let host = request_host(&req);
     let path = req.uri().path();
-    let Some((route, rest)) = table.routes.iter().find_map(|r| {
+    let found = table.routes.iter().find_map(|r| {
         if r.host.matches(host) {
-            r.strip(path).map(|rest| (r, rest))
+            r.strip(path).map(|rest| (r, rest.to_string()))
         } else {
             None
         }
-    }) else {
+    });
+    // A proxied body streams to the upstream; every other handler answers without it.
+    if let Some((
+        Route {
+            handler: Handler::Proxy { upstream },
+            ..
+        },
+        _,
+    )) = &found
+    {
+        return match gateway.get(upstream) {
+            Some(u) => crate::proxy::forward(u, req).await,
+            // Only a request racing a reload that removed the upstream can get here.
+            None => handlers::text(StatusCode::SERVICE_UNAVAILABLE, "upstream not configured\n"),
+        };
+    }
+    if discard_body(req.body_mut()).await.is_err() {
+        return handlers::text(StatusCode::BAD_REQUEST, "request body could not be read\n");
+    }
+    let Some((route, rest)) = found else {
         return handlers::text(StatusCode::NOT_FOUND, "not found\n");
     };
+    let rest = rest.as_str();
     match &route.handler {
         Handler::Static(files) => files.serve(req.method(), rest, req.headers()).await,
         Handler::Redirect { target, status } => {
@@ -240,6 +282,7 @@ async fn route(table: &RouteTable, mut req: Request<RequestBody>) -> Response<Re
             r
         }
         Handler::ConnectionInfo => handlers::connection_info(req.extensions().get::<RequestContext>(), req.headers()),
+        Handler::Proxy { .. } => handlers::text(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n"),
     }
 }
 

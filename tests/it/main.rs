@@ -15,6 +15,7 @@ mod h2_abuse;
 mod malformed;
 mod metrics;
 mod protocols;
+mod proxy;
 mod redaction;
 mod reload;
 mod resilience;

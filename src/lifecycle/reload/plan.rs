@@ -25,6 +25,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         ("http2", old.http2 != new.http2),
         ("shutdown", old.shutdown != new.shutdown),
         ("routes", old.routes != new.routes),
+        ("upstreams", old.upstreams != new.upstreams),
         ("debug", old.debug != new.debug),
         ("log", log_sink_differs(old, new)),
         ("server.state_dir", old.server.state_dir != new.server.state_dir),

@@ -1,0 +1,129 @@
+//! The upstream's response body on its way to the client: streamed frame by frame (trailers
+//! included), holding its connection and its server's load until it ends.
+
+use super::metrics::{CauseLabels, PhaseLabels};
+use super::pool::{InFlight, Lease, ServerPool};
+use crate::http::body::BoxError;
+use crate::http::AccessLogError;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
+
+/// What a response body holds until it ends: the lease (an HTTP/2 stream slot), the server's
+/// in-flight count, and the slot telling an HTTP/1.1 return task why its connection is lost.
+pub struct Exchange {
+    pub pool: Arc<ServerPool>,
+    pub lease: Lease,
+    pub in_flight: InFlight,
+    pub fate: Arc<OnceLock<&'static str>>,
+}
+
+/// A proxied response body.
+pub struct UpstreamBody {
+    inner: Incoming,
+    /// `Some` until the body ends, fails or is dropped.
+    exchange: Option<Exchange>,
+}
+
+impl UpstreamBody {
+    pub fn new(inner: Incoming, exchange: Exchange) -> Self {
+        let mut body = UpstreamBody {
+            inner,
+            exchange: Some(exchange),
+        };
+        if body.inner.is_end_stream() {
+            body.exchange = None; // nothing to stream (HEAD, 204, 304): done already
+        }
+        body
+    }
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody").finish_non_exhaustive()
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if this.inner.is_end_stream() {
+                    this.exchange = None;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                let Some(mut ex) = this.exchange.take() else {
+                    return Poll::Ready(Some(Err(e.into())));
+                };
+                let _ = ex.fate.set("error");
+                ex.lease.fate = "error";
+                let pool = &ex.pool;
+                pool.metrics()
+                    .errors
+                    .get_or_create(&CauseLabels {
+                        upstream: pool.upstream.clone(),
+                        server: pool.server.clone(),
+                        cause: "reset_mid_response",
+                    })
+                    .inc();
+                tracing::warn!(
+                    upstream = %pool.upstream.0,
+                    server = %pool.server.0,
+                    cause = "reset_mid_response",
+                    error = %e,
+                    "upstream failed mid-response; aborting the client's response"
+                );
+                // The client must see a broken response, never a short one that looks whole:
+                // hyper ends an HTTP/1.1 response without its last chunk (or short of its
+                // Content-Length) and resets an HTTP/2 stream with INTERNAL_ERROR.
+                Poll::Ready(Some(Err(Box::new(AccessLogError(format!(
+                    "upstream:reset_mid_response upstream={} server={} ({e})",
+                    pool.upstream.0, pool.server.0
+                ))))))
+            }
+            None => {
+                this.exchange = None;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // Dropped before its end: the client went away mid-body. Dropping `inner` cancels the
+        // upstream side (HTTP/1.1: the connection closes; HTTP/2: RST_STREAM(CANCEL)).
+        let Some(ex) = self.exchange.take() else { return };
+        let _ = ex.fate.set("cancelled");
+        let pool = &ex.pool;
+        pool.metrics()
+            .cancelled
+            .get_or_create(&PhaseLabels {
+                upstream: pool.upstream.clone(),
+                phase: "response_body",
+            })
+            .inc();
+        tracing::debug!(
+            upstream = %pool.upstream.0,
+            server = %pool.server.0,
+            "client went away mid-response; upstream response cancelled"
+        );
+    }
+}

@@ -1,0 +1,254 @@
+//! Header rewriting between client and upstream: hop-by-hop removal (RFC 9110 §7.6.1),
+//! `X-Forwarded-*`, `Forwarded` (RFC 7239), `Via` (RFC 9110 §7.6.3), `Host`, trace context.
+
+use super::upstream::{HostRewrite, UpstreamSpec};
+use crate::http::RequestContext;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Uri, Version};
+use std::net::IpAddr;
+
+/// Fields that describe one connection, never the message (RFC 9110 §7.6.1), plus the
+/// pre-standard `Proxy-Connection` and `Keep-Alive` that old clients still send.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes the hop-by-hop fields and every field that `Connection` names. Returns whether the
+/// message asked for `TE: trailers`, the one `TE` value that means something end to end (the
+/// sender accepts trailers) and that HTTP/2 allows.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    te_trailers
+}
+
+/// Whether a `Connection` field lists `token` (case-insensitive).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The `Via` pseudonym: RFC 9110 §7.6.3 allows one in place of a host name.
+const VIA_NAME: &str = "gatehouse";
+
+fn via_value(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_2 => "2 gatehouse",
+        Version::HTTP_10 => "1.0 gatehouse",
+        _ => "1.1 gatehouse",
+    }
+}
+
+/// Appends this hop to `Via`, as received in `version`.
+pub fn append_via(headers: &mut HeaderMap, version: Version) {
+    debug_assert!(via_value(version).ends_with(VIA_NAME));
+    append(headers, header::VIA, via_value(version));
+}
+
+/// Appends `value` to a list field, folding every earlier line of it into one (RFC 9110 §5.3).
+fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    let mut all: Vec<&str> = headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    all.push(value);
+    let joined = all.join(", ");
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(name, v);
+    }
+}
+
+/// A `Forwarded` parameter value: a token as is, anything else as a quoted string (RFC 7239 §4),
+/// which IPv6 addresses (in brackets) and `host:port` always need.
+fn forwarded_value(v: &str) -> String {
+    let token = !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if token {
+        v.to_string()
+    } else {
+        let escaped = v.replace('\\', "\\\\").replace('"', "\\\"");
+        format!("\"{escaped}\"")
+    }
+}
+
+/// The client's host as it asked for it: HTTP/2 `:authority`, else `Host`.
+pub fn client_host(uri: &Uri, headers: &HeaderMap) -> Option<HeaderValue> {
+    match uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => headers.get(header::HOST).cloned(),
+    }
+}
+
+/// Rewrites a client request's head for the upstream: hop-by-hop fields out, forwarding fields
+/// in, `Host` per the upstream's `host` option, the URI in the form the upstream protocol uses.
+/// `upgrade` is the client's `Upgrade` value when the request is to be tunnelled.
+pub fn to_upstream(
+    parts: &mut http::request::Parts,
+    ctx: Option<&RequestContext>,
+    spec: &UpstreamSpec,
+    server: &str,
+    h2: bool,
+    upgrade: Option<HeaderValue>,
+) -> Result<(), &'static str> {
+    let received = parts.version;
+    let original_host = client_host(&parts.uri, &parts.headers);
+    let trace = trace_context(&parts.headers);
+    let te_trailers = strip_hop_by_hop(&mut parts.headers);
+    if te_trailers {
+        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    let tls = ctx.is_some_and(|c| c.conn.tls().is_some());
+    let proto = if tls { "https" } else { "http" };
+    if let Some(ctx) = ctx {
+        let ip = ctx.conn.peer.ip();
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        append(
+            &mut parts.headers,
+            HeaderName::from_static("x-forwarded-for"),
+            &ip.to_string(),
+        );
+        let node = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        let mut fwd = format!("for={};proto={proto}", forwarded_value(&node));
+        if let Some(h) = original_host.as_ref().and_then(|h| h.to_str().ok()) {
+            fwd.push_str(&format!(";host={}", forwarded_value(h)));
+        }
+        append(&mut parts.headers, header::FORWARDED, &fwd);
+    }
+    parts.headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(proto),
+    );
+    append_via(&mut parts.headers, received);
+    restore_trace_context(&mut parts.headers, trace);
+
+    let host = match &spec.host {
+        HostRewrite::Preserve => original_host.ok_or("the request has no Host")?,
+        HostRewrite::Upstream => HeaderValue::from_str(server).map_err(|_| "the server address is not a Host value")?,
+        HostRewrite::Fixed(v) => v.clone(),
+    };
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    if h2 {
+        // HTTP/2 carries the host in `:authority`, taken from the URI; a `Host` field beside it
+        // would only be a second, possibly conflicting, copy (RFC 9113 §8.3.1).
+        parts.headers.remove(header::HOST);
+        let scheme = if spec.tls() { "https" } else { "http" };
+        let host = host.to_str().map_err(|_| "the Host is not visible ASCII")?;
+        parts.uri = format!("{scheme}://{host}{path}")
+            .parse()
+            .map_err(|_| "the Host cannot form a URI")?;
+        parts.version = Version::HTTP_2;
+    } else {
+        parts.headers.insert(header::HOST, host);
+        parts.uri = path.parse().map_err(|_| "the path cannot form a URI")?;
+        parts.version = Version::HTTP_11;
+        if let Some(up) = upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, up);
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites an upstream response's head for the client: hop-by-hop fields out (a `101` keeps
+/// `Connection: upgrade` and `Upgrade`, which the client needs to switch), `Via` appended.
+pub fn to_client(parts: &mut http::response::Parts, switching: bool) {
+    let upgrade = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    if switching {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(u) = upgrade {
+            parts.headers.insert(header::UPGRADE, u);
+        }
+    }
+    append_via(&mut parts.headers, parts.version);
+}
+
+/// W3C trace context (`traceparent`, `tracestate`) is passed on unchanged. Kept in this one
+/// place so that a tracer can make gatehouse a span here (rewriting the parent id) later.
+fn trace_context(headers: &HeaderMap) -> [Option<HeaderValue>; 2] {
+    [headers.get("traceparent").cloned(), headers.get("tracestate").cloned()]
+}
+
+fn restore_trace_context(headers: &mut HeaderMap, trace: [Option<HeaderValue>; 2]) {
+    for (name, value) in ["traceparent", "tracestate"].into_iter().zip(trace) {
+        if let Some(v) = value {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_fields_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers;q=1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        assert!(strip_hop_by_hop(&mut h));
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn forwarded_quotes_what_is_not_a_token() {
+        assert_eq!(forwarded_value("192.0.2.1"), "192.0.2.1");
+        assert_eq!(forwarded_value("[2001:db8::1]"), "\"[2001:db8::1]\"");
+        assert_eq!(forwarded_value("example.com:8080"), "\"example.com:8080\"");
+    }
+
+    #[test]
+    fn appending_joins_every_previous_line() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        append(&mut h, HeaderName::from_static("x-forwarded-for"), "10.0.0.3");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 10.0.0.3");
+    }
+}

@@ -1,0 +1,114 @@
+//! The proxy's metrics: requests per upstream server, connections opened and why, and reuse.
+//!
+//! Label values are bounded: upstream names and server addresses come from configuration, and
+//! statuses, causes and reasons are fixed sets (plus the numeric status codes).
+
+use crate::observe::Name;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: Name,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    pub upstream: Name,
+    pub server: Name,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub upstream: Name,
+    pub server: Name,
+    /// The upstream's status code, `error` when no response head arrived, or `cancelled` when
+    /// the client went away first.
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpenedLabels {
+    pub upstream: Name,
+    pub server: Name,
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub upstream: Name,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub upstream: Name,
+    pub server: Name,
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub upstream: Name,
+    pub phase: &'static str,
+}
+
+/// Every proxy series. Cloning is cheap: each field is a shared handle.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamMetrics {
+    pub requests: Family<StatusLabels, Counter>,
+    pub connections_opened: Family<OpenedLabels, Counter>,
+    pub new_connection_reasons: Family<ReasonLabels, Counter>,
+    pub reuse_ratio: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
+    pub errors: Family<CauseLabels, Counter>,
+    pub alpn_fallback: Family<ServerLabels, Counter>,
+    pub cancelled: Family<PhaseLabels, Counter>,
+    // Not exposed: the two terms of `reuse_ratio`, kept per upstream across reloads.
+    pub(crate) sent: Family<UpstreamLabels, Counter>,
+    pub(crate) sent_reused: Family<UpstreamLabels, Counter>,
+}
+
+impl UpstreamMetrics {
+    /// Registers every exposed series under `registry` (which carries the `gatehouse` prefix).
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "upstream_requests",
+            "Requests sent to upstream servers, by the status they answered (error: no response; cancelled: the client left first)",
+            self.requests.clone(),
+        );
+        r.register(
+            "upstream_connections_opened",
+            "Connections opened to upstream servers, by the protocol they speak",
+            self.connections_opened.clone(),
+        );
+        r.register(
+            "upstream_new_connection_reasons",
+            "Why a request could not use a pooled upstream connection and a new one was opened",
+            self.new_connection_reasons.clone(),
+        );
+        r.register(
+            "upstream_connection_reuse_ratio",
+            "Per upstream since start: requests sent on a connection that had carried a request before / all requests sent",
+            self.reuse_ratio.clone(),
+        );
+        r.register(
+            "upstream_errors",
+            "Upstream exchanges that failed, by cause",
+            self.errors.clone(),
+        );
+        r.register(
+            "upstream_alpn_fallback",
+            "Connections of a protocol = \"auto\" upstream on which the server chose http/1.1 over h2",
+            self.alpn_fallback.clone(),
+        );
+        r.register(
+            "upstream_cancelled",
+            "Upstream requests abandoned because the client went away, by phase (response_headers, response_body)",
+            self.cancelled.clone(),
+        );
+    }
+}
