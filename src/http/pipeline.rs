@@ -571,7 +571,7 @@ impl Record {
                 format_args!("{:.3}", elapsed.as_secs_f64() * 1000.0),
             );
             if let Some(e) = error {
-                json_str(&mut line, "error", e);
+                json_str(&mut line, "error", &e);
             }
             line.pop();
             line.push('}');
