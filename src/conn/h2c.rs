@@ -79,7 +79,9 @@ pub fn check(h: &HeaderMap) -> Result<(), NotUpgraded> {
     Ok(())
 }
 
-fn hpack_int(out: &mut BytesMut, prefix_bits: u8, first: u8, mut v: usize) {
+/// HPACK integer with a `prefix_bits`-bit prefix (RFC 7541 §5.1); `first` holds the pattern bits.
+/// Shared with `gatehouse doctor`'s raw HTTP/2 probe.
+pub(crate) fn hpack_int(out: &mut impl BufMut, prefix_bits: u8, first: u8, mut v: usize) {
     let max = (1usize << prefix_bits) - 1;
     if v < max {
         out.put_u8(first | v as u8);

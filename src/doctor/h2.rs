@@ -8,6 +8,7 @@
 //! literal without indexing, no Huffman) and decodes only the response's `:status`.
 
 use super::net::Io;
+use crate::conn::h2c::hpack_int;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -141,30 +142,14 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     v
 }
 
-/// HPACK integer with an `n`-bit prefix (RFC 7541 §5.1); `first` holds the pattern bits.
-fn hpack_int(out: &mut Vec<u8>, first: u8, n: u32, mut value: usize) {
-    let max = (1usize << n) - 1;
-    if value < max {
-        out.push(first | value as u8);
-        return;
-    }
-    out.push(first | max as u8);
-    value -= max;
-    while value >= 128 {
-        out.push((value % 128) as u8 | 0x80);
-        value /= 128;
-    }
-    out.push(value as u8);
-}
-
-/// A literal field without indexing; `index` names a static-table name, 0 for a literal name.
+/// A literal field without indexing (integers encoded by the server's own h2c HPACK code).; `index` names a static-table name, 0 for a literal name.
 fn hpack_literal(out: &mut Vec<u8>, index: usize, name: &str, value: &str) {
-    hpack_int(out, 0x00, 4, index);
+    hpack_int(out, 4, 0x00, index);
     if index == 0 {
-        hpack_int(out, 0x00, 7, name.len());
+        hpack_int(out, 7, 0x00, name.len());
         out.extend_from_slice(name.as_bytes());
     }
-    hpack_int(out, 0x00, 7, value.len());
+    hpack_int(out, 7, 0x00, value.len());
     out.extend_from_slice(value.as_bytes());
 }
 
@@ -517,7 +502,7 @@ mod tests {
     #[test]
     fn hpack_integers_and_status() {
         let mut v = Vec::new();
-        hpack_int(&mut v, 0, 4, 20);
+        hpack_int(&mut v, 4, 0, 20);
         assert_eq!(v, [15, 5]);
         assert_eq!(status_of(&[0x88]), Some(200));
         assert_eq!(status_of(&[0x08, 3, b'4', b'2', b'1']), Some(421));
