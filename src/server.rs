@@ -364,6 +364,7 @@ impl Server {
     /// service keeps running unchanged across reloads, which still apply to everything else.
     pub fn with_config_routes(self, router: &Router) -> Self {
         router.set_upstream_metrics(self.handle.metrics.upstream.clone());
+        router.set_resilience_metrics(self.handle.metrics.resilience.clone());
         self.handle.live.set_router(router.clone());
         self
     }
@@ -555,6 +556,11 @@ impl Server {
                 let _ = handle.upgrade().await;
             });
         };
+        // Active health checks of the proxy's upstreams run while serving, on this runtime.
+        let routes = handle.live.router();
+        if let Some(r) = &routes {
+            r.start_health_checks();
+        }
         handle.set_ready(true);
         let shutdown = handle.trigger().subscribe();
         // Every listener is bound and has an accept loop: tell systemd (Type=notify) we are up.
@@ -658,6 +664,9 @@ impl Server {
                 "drained: {} connection(s) at start, {} closed by the deadline",
                 report.open_at_start, report.forced
             ));
+        }
+        if let Some(r) = routes {
+            r.stop_health_checks().await;
         }
         // Every request has ended, so every span is queued: send them (bounded) before returning.
         if let Some(export) = export {

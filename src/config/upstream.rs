@@ -2,8 +2,8 @@
 //!
 //! Every key of the proxy issue is parsed here, so a misspelt key is an error and wiring a
 //! section later is a small change. Sections whose behaviour this build does not have yet
-//! (`health`, `breaker`, `retry`, `fallback`, traffic classes, rate limits) are parsed and then
-//! refused by validation, never silently accepted.
+//! (traffic classes, rate limits) are parsed and then refused by validation, never silently
+//! accepted.
 
 use super::Span;
 use serde::{Deserialize, Serialize};
@@ -317,20 +317,7 @@ impl super::Config {
                     "use \"preserve\" (the client's Host), \"upstream\" (the server's address) or a name such as \"api.internal\"",
                 );
             }
-            for (section, present) in [
-                ("health", u.health.is_some()),
-                ("breaker", u.breaker.is_some()),
-                ("retry", u.retry.is_some()),
-                ("fallback", u.fallback.is_some()),
-            ] {
-                if present {
-                    f.error(
-                        format!("{key}.{section}"),
-                        format!("[upstreams.{section}] is not available in this version"),
-                        NOT_YET,
-                    );
-                }
-            }
+            validate_resilience(&key, u, f);
             if !self.routes.iter().any(|r| r.proxy.as_deref() == Some(u.name.as_str())) {
                 f.warning(
                     key.clone(),
@@ -370,6 +357,100 @@ impl super::Config {
                 "[[rate_limits]] are not available in this version",
                 NOT_YET,
             );
+        }
+    }
+}
+
+/// `[upstreams.health]`, `[upstreams.breaker]`, `[upstreams.retry]` and `[upstreams.fallback]`:
+/// values the proxy could not act on sensibly are refused, each under its own key.
+fn validate_resilience(key: &str, u: &UpstreamConfig, f: &mut super::Findings) {
+    if let Some(h) = &u.health {
+        if !h.path.starts_with('/') || h.path.parse::<http::uri::PathAndQuery>().is_err() {
+            f.error(
+                format!("{key}.health.path"),
+                format!("`{}` is not an absolute path", h.path),
+                "write the path the checker requests, starting with /, e.g. \"/healthz\"",
+            );
+        }
+        if h.interval.is_zero() {
+            f.error(
+                format!("{key}.health.interval"),
+                "is 0, which would probe without pause",
+                "set a positive duration such as \"5s\"",
+            );
+        }
+        for (name, v) in [("unhealthy_after", h.unhealthy_after), ("healthy_after", h.healthy_after)] {
+            if v == 0 {
+                f.error(
+                    format!("{key}.health.{name}"),
+                    "is 0: a run of no results cannot change a server's health",
+                    "set 1 or more",
+                );
+            }
+        }
+    }
+    if let Some(b) = &u.breaker {
+        if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+            f.error(
+                format!("{key}.breaker.failure_ratio"),
+                format!("{} is not in (0, 1]", b.failure_ratio),
+                "set the share of failed requests that opens the breaker, e.g. 0.5",
+            );
+        }
+        for (name, v) in [("min_requests", b.min_requests), ("half_open_probes", b.half_open_probes)] {
+            if v == 0 {
+                f.error(format!("{key}.breaker.{name}"), "is 0", "set 1 or more");
+            }
+        }
+        for (name, v) in [("window", b.window), ("open_for", b.open_for)] {
+            if v.is_zero() {
+                f.error(
+                    format!("{key}.breaker.{name}"),
+                    "is 0",
+                    "set a positive duration such as \"5s\"",
+                );
+            }
+        }
+    }
+    if let Some(r) = &u.retry {
+        if r.attempts == 0 {
+            f.error(
+                format!("{key}.retry.attempts"),
+                "is 0, but the first try is an attempt",
+                "set 1 (no retries) or more; 2 is one retry",
+            );
+        }
+        if !(r.budget.is_finite() && r.budget >= 0.0) {
+            f.error(
+                format!("{key}.retry.budget"),
+                format!("{} is not a non-negative number", r.budget),
+                "set the share of extra load retries may add, e.g. 0.2",
+            );
+        }
+    }
+    if let Some(fb) = &u.fallback {
+        if fb.stale_for.is_none() && fb.respond.is_none() {
+            f.warning(
+                format!("{key}.fallback"),
+                "has neither stale_for nor respond, so it never answers",
+                "set stale_for, respond, or both, or remove the section",
+            );
+        }
+        if fb.stale_for.is_some_and(|s| s.is_zero()) {
+            f.error(
+                format!("{key}.fallback.stale_for"),
+                "is 0, so nothing stored could ever be served",
+                "set a positive duration such as \"5m\", or remove it",
+            );
+        }
+        if let Some(r) = &fb.respond {
+            if !(200..=599).contains(&r.status) {
+                f.error(
+                    format!("{key}.fallback.respond.status"),
+                    format!("{} is not a final status from 200 to 599", r.status),
+                    "use e.g. 503",
+                );
+            }
         }
     }
 }
@@ -469,11 +550,10 @@ burst = 200
         );
         // Parsed, and each section not wired yet is refused by name.
         let keys: Vec<String> = c.validate().iter().map(|f| f.key.clone()).collect();
+        for k in ["upstreams[0].health", "upstreams[0].breaker", "upstreams[0].retry", "upstreams[0].fallback"] {
+            assert!(!keys.iter().any(|key| key.starts_with(k)), "{k} refused: {keys:?}");
+        }
         for k in [
-            "upstreams[0].health",
-            "upstreams[0].breaker",
-            "upstreams[0].retry",
-            "upstreams[0].fallback",
             "traffic_classes",
             "rate_limits",
             "routes[0].rate_limit",
@@ -511,6 +591,48 @@ proxy = "nope"
             "upstreams[1].name",
             "upstreams[1].servers",
             "routes[0].proxy",
+        ] {
+            assert!(keys.contains(&k), "missing {k} in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn resilience_values_name_their_key() {
+        let e = errors(
+            r#"
+[[upstreams]]
+name = "api"
+servers = ["127.0.0.1:1"]
+[upstreams.health]
+path = "healthz"
+interval = "0s"
+unhealthy_after = 0
+[upstreams.breaker]
+failure_ratio = 1.5
+min_requests = 0
+open_for = "0s"
+[upstreams.retry]
+attempts = 0
+budget = -1.0
+[upstreams.fallback]
+stale_for = "0s"
+respond = { status = 42 }
+[[routes]]
+proxy = "api"
+"#,
+        );
+        let keys: Vec<&str> = e.iter().map(|(k, _)| k.as_str()).collect();
+        for k in [
+            "upstreams[0].health.path",
+            "upstreams[0].health.interval",
+            "upstreams[0].health.unhealthy_after",
+            "upstreams[0].breaker.failure_ratio",
+            "upstreams[0].breaker.min_requests",
+            "upstreams[0].breaker.open_for",
+            "upstreams[0].retry.attempts",
+            "upstreams[0].retry.budget",
+            "upstreams[0].fallback.stale_for",
+            "upstreams[0].fallback.respond.status",
         ] {
             assert!(keys.contains(&k), "missing {k} in {keys:?}");
         }

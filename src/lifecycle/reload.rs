@@ -183,6 +183,11 @@ impl Live {
         self.router.store(Some(Arc::new(router)));
     }
 
+    /// The router whose routes reloads rebuild, if any.
+    pub(crate) fn router(&self) -> Option<Arc<Router>> {
+        self.router.load_full()
+    }
+
     pub(crate) fn add_hook(&self, hook: ReloadHook) {
         self.hooks.lock().unwrap_or_else(|p| p.into_inner()).push(hook);
     }

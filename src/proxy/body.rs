@@ -1,8 +1,11 @@
 //! The upstream's response body on its way to the client: streamed frame by frame (trailers
-//! included), holding its connection and its server's load until it ends.
+//! included), holding its connection and its server's load until it ends, and teeing a small
+//! GET response into the stale cache as it passes.
 
+use super::guard::ServerGuard;
 use super::metrics::{CauseLabels, PhaseLabels};
 use super::pool::{InFlight, Lease, ServerPool};
+use super::resilience::stale::StaleCache;
 use crate::http::body::BoxError;
 use crate::http::AccessLogError;
 use bytes::Bytes;
@@ -19,6 +22,66 @@ pub struct Exchange {
     pub lease: Lease,
     pub in_flight: InFlight,
     pub fate: Arc<OnceLock<&'static str>>,
+    /// Told when the body breaks off (passive health).
+    pub guard: Arc<ServerGuard>,
+}
+
+/// What a GET request and its 200 response need to be stored as a stale fallback.
+#[derive(Debug)]
+pub struct StaleRequest {
+    pub host: String,
+    pub path_and_query: String,
+    pub headers: http::HeaderMap,
+}
+
+/// A copy of a response body being gathered for the stale cache, up to its size cap; the client
+/// gets every frame as it comes, whatever happens to the copy.
+pub struct Tee {
+    pub cache: Arc<StaleCache>,
+    pub request: StaleRequest,
+    pub status: http::StatusCode,
+    pub headers: http::HeaderMap,
+    /// The cache's `max_body_bytes`: beyond it the copy is dropped, the response never stored.
+    pub cap: usize,
+    pub chunks: Vec<Bytes>,
+    pub len: usize,
+}
+
+impl Tee {
+    /// Adds a chunk; false once the body outgrew the cap (the caller drops the copy).
+    fn push(&mut self, chunk: &Bytes) -> bool {
+        self.len += chunk.len();
+        if self.len > self.cap {
+            return false;
+        }
+        self.chunks.push(chunk.clone());
+        true
+    }
+
+    /// The whole body arrived: store it.
+    fn finish(self) {
+        let body = match self.chunks.len() {
+            1 => self.chunks[0].clone(),
+            _ => {
+                let mut b = bytes::BytesMut::with_capacity(self.len);
+                for c in &self.chunks {
+                    b.extend_from_slice(c);
+                }
+                b.freeze()
+            }
+        };
+        let r = &self.request;
+        self.cache.store(
+            &http::Method::GET,
+            &r.host,
+            &r.path_and_query,
+            &r.headers,
+            self.status,
+            &self.headers,
+            &body,
+            std::time::Instant::now(),
+        );
+    }
 }
 
 /// A proxied response body.
@@ -26,18 +89,40 @@ pub struct UpstreamBody {
     inner: Incoming,
     /// `Some` until the body ends, fails or is dropped.
     exchange: Option<Exchange>,
+    tee: Option<Tee>,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, exchange: Exchange) -> Self {
+    pub fn new(inner: Incoming, exchange: Exchange, tee: Option<Tee>) -> Self {
         let mut body = UpstreamBody {
             inner,
             exchange: Some(exchange),
+            tee,
         };
         if body.inner.is_end_stream() {
             body.exchange = None; // nothing to stream (HEAD, 204, 304): done already
+            if let Some(t) = body.tee.take() {
+                t.finish();
+            }
         }
         body
+    }
+
+    /// Drops a response that will not reach the client (its request is retried elsewhere):
+    /// the connection is lost as after an error, and nothing counts as a client cancellation.
+    pub fn abandon(mut self) {
+        self.tee = None;
+        if let Some(mut ex) = self.exchange.take() {
+            let _ = ex.fate.set("error");
+            ex.lease.fate = "error";
+        }
+    }
+
+    fn ended(&mut self) {
+        self.exchange = None;
+        if let Some(t) = self.tee.take() {
+            t.finish();
+        }
     }
 }
 
@@ -55,18 +140,25 @@ impl Body for UpstreamBody {
         let this = &mut *self;
         match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
+                if let (Some(tee), Some(data)) = (this.tee.as_mut(), frame.data_ref()) {
+                    if !tee.push(data) {
+                        this.tee = None;
+                    }
+                }
                 if this.inner.is_end_stream() {
-                    this.exchange = None;
+                    this.ended();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => {
+                this.tee = None;
                 let Some(mut ex) = this.exchange.take() else {
                     return Poll::Ready(Some(Err(e.into())));
                 };
                 let _ = ex.fate.set("error");
                 ex.lease.fate = "error";
                 let pool = &ex.pool;
+                ex.guard.failed_mid_body(pool);
                 pool.metrics()
                     .errors
                     .get_or_create(&CauseLabels {
@@ -91,7 +183,7 @@ impl Body for UpstreamBody {
                 ))))))
             }
             None => {
-                this.exchange = None;
+                this.ended();
                 Poll::Ready(None)
             }
         }

@@ -1,25 +1,30 @@
-//! One proxied exchange: pick a server, check out a connection, send the request with its body
-//! streaming, and answer the client with the upstream's response streaming back, or with a
-//! status that says what failed (502 the upstream failed, 503 nothing to send to, 504 it was
-//! too slow), the access log's `error` naming upstream, server and cause.
+//! One proxied request: pick a server its guards allow (health, ejection, breaker), check out a
+//! connection, send the request with its body streaming, and answer the client with the
+//! upstream's response streaming back. A failed attempt is retried on another server when the
+//! request can be replayed and the budget allows; what cannot be made good is answered by a
+//! fallback or by a status that says what failed (see [`super::answer`]).
 
-use super::body::{Exchange, UpstreamBody};
-use super::connect::{ConnectError, Wire};
+use super::answer::{self, failure, record_sent, record_status, refusal, Failed};
+use super::body::{Exchange, StaleRequest, Tee, UpstreamBody};
+use super::connect::{ConnectError, UpBody, Wire};
+use super::guard::Outcome;
 use super::headers;
-use super::metrics::{CauseLabels, PhaseLabels, StatusLabels, UpstreamLabels};
+use super::metrics::PhaseLabels;
 use super::pool::{SendError, ServerPool};
+use super::resilience::retry::is_idempotent;
 use super::upgrade;
-use super::upstream::{HostRewrite, Upstream};
+use super::upstream::{Chosen, HostRewrite, Upstream};
 use crate::http::body::ResponseBody;
 use crate::http::{AccessLogError, BodyState, RequestBody, RequestContext};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
-use http_body_util::BodyExt;
+use http_body::Body as _;
+use http_body_util::{BodyExt, Empty};
+use hyper::upgrade::OnUpgrade;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 /// Proxies `req` to `upstream`.
 pub async fn forward(upstream: Arc<Upstream>, mut req: Request<RequestBody>) -> Response<ResponseBody> {
-    let name = &upstream.spec.name.0;
     if req.method() == Method::CONNECT {
         return refusal(
             StatusCode::NOT_IMPLEMENTED,
@@ -30,313 +35,339 @@ pub async fn forward(upstream: Arc<Upstream>, mut req: Request<RequestBody>) -> 
     if upstream.spec.host == HostRewrite::Preserve && headers::client_host(req.uri(), req.headers()).is_none() {
         return refusal(StatusCode::BAD_REQUEST, "the request has no Host\n", "proxy:no_host");
     }
-    let Some(pool) = upstream.pick().cloned() else {
-        return refusal(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no upstream server is configured\n",
-            "proxy:no_server",
-        );
+    let mut chosen = match upstream.select(&[], Instant::now()) {
+        Ok(c) => c,
+        Err(why) => {
+            let stale = stale_request(&upstream, &req);
+            return answer::unavailable(&upstream, why, req.method(), stale.as_ref());
+        }
     };
-    let spec = upstream.spec.clone();
-    let in_flight = pool.start_request();
     let ctx = req.extensions().get::<RequestContext>().cloned();
     let body_state = req.body().state();
     let upgrade = upgrade::requested(&req);
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-    let mut watch = Abandoned::new(&pool);
-    let (mut parts, body) = req.into_parts();
-
-    let mut lease = match pool.checkout().await {
-        Ok(l) => l,
-        Err(e) => {
-            watch.disarm();
-            let status = match e {
-                ConnectError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-                _ => StatusCode::BAD_GATEWAY,
-            };
-            return failure(&pool, status, e.cause(), &e.to_string());
-        }
+    let mut client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let method = req.method().clone();
+    // An upgrade is never retried: the client's connection is promised to the first upstream
+    // that answers 101.
+    let mut attempts = match (&upstream.retry, &upgrade) {
+        (Some(budget), None) => Some(budget.start(&method, Instant::now())),
+        _ => None,
     };
-    if upgrade.is_some() && lease.wire.is_h2() {
-        watch.disarm();
-        lease.fate = "error";
-        return failure(
-            &pool,
-            StatusCode::BAD_GATEWAY,
-            "upgrade_unsupported",
-            "the client asked for an Upgrade, which needs an HTTP/1.1 upstream connection",
-        );
-    }
-    let wire = lease.wire;
-    if let Err(why) = headers::to_upstream(&mut parts, ctx.as_ref(), &spec, &pool.server.0, wire.is_h2(), upgrade) {
-        watch.disarm();
-        lease.fate = "error";
-        return failure(&pool, StatusCode::BAD_GATEWAY, "bad_request_head", why);
-    }
-    let mut outgoing = Request::from_parts(parts, body.boxed_unsync());
-
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + spec.response_header_timeout;
-    let mut resent = false;
-    let result = loop {
-        match tokio::time::timeout_at(deadline, lease.send(outgoing)).await {
-            Err(_) => break Err(Failed::Timeout),
-            Ok(Ok(resp)) => break Ok(resp),
-            // A pooled connection the upstream closed just before the request left: nothing was
-            // sent, so it goes on a fresh connection once, whatever its method. This is the
-            // keep-alive race every pool has, not a retry.
-            Ok(Err(SendError::NotSent(e, req))) if lease.reused && !resent => {
-                resent = true;
-                tracing::debug!(upstream = %name, server = %pool.server.0, error = %e, "pooled connection closed before the request left; sending on a new one");
-                lease.fate = "upstream_closed";
-                lease = match pool.checkout().await {
-                    Ok(l) if l.wire == wire => l,
-                    Ok(mut l) => {
-                        l.fate = "error";
-                        break Err(Failed::Hyper(e));
-                    }
-                    Err(ce) => break Err(Failed::Connect(ce)),
-                };
-                outgoing = *req;
-            }
-            Ok(Err(SendError::NotSent(e, _) | SendError::Failed(e))) => break Err(Failed::Hyper(e)),
-            Ok(Err(SendError::Released)) => break Err(Failed::Released),
-        }
-    };
-    let mut resp = match result {
-        Ok(resp) => resp,
-        Err(failed) => {
-            watch.disarm();
-            lease.fate = "error";
-            return failed.answer(
-                &pool,
-                &body_state,
-                lease.first_h2_exchange(),
-                &spec.response_header_timeout,
-            );
-        }
-    };
-    pool.observe_latency(started.elapsed());
-    record_sent(&pool, lease.reused, resp.status().as_str());
-
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        watch.disarm();
-        let Some(client) = client_upgrade else {
-            lease.fate = "error";
-            return failure(
-                &pool,
-                StatusCode::BAD_GATEWAY,
-                "bad_response",
-                "101 Switching Protocols to a request that asked for no upgrade",
-            );
-        };
-        let upstream_io = hyper::upgrade::on(&mut resp);
-        lease.consume();
-        upgrade::tunnel(client, upstream_io, pool.upstream.clone(), pool.server.clone());
-        let (mut parts, _) = resp.into_parts();
-        headers::to_client(&mut parts, true);
-        return Response::from_parts(parts, ResponseBody::empty());
-    }
-
-    let (mut parts, incoming) = resp.into_parts();
-    let fate = Arc::new(OnceLock::new());
-    if wire == Wire::Http11 {
-        let keep_alive = if parts.version == Version::HTTP_10 {
-            headers::connection_has(&parts.headers, "keep-alive")
+    // Only a request that may be tried again keeps a copy of its head (one allocation per
+    // attempt); every other request moves its head into its single attempt.
+    let replayable =
+        attempts.is_some() && is_idempotent(&method) && upstream.spec.retry.as_ref().is_some_and(|r| r.attempts > 1);
+    let mut stale = stale_request(&upstream, &req);
+    let (parts, body) = req.into_parts();
+    let bodyless = body.is_end_stream();
+    let mut body = Some(body);
+    let mut head = Some(parts);
+    let mut tried: Vec<usize> = Vec::new();
+    loop {
+        let index = chosen.index;
+        let parts = if replayable {
+            head.as_ref().map(copy_head)
         } else {
-            !headers::connection_has(&parts.headers, "close")
+            head.take()
         };
-        lease.release_h1(!keep_alive, fate.clone());
-    }
-    headers::to_client(&mut parts, false);
-    watch.disarm();
-    let body = UpstreamBody::new(
-        incoming,
-        Exchange {
-            pool: pool.clone(),
-            lease,
-            in_flight,
-            fate,
-        },
-    );
-    Response::from_parts(parts, ResponseBody::Upstream(body))
-}
-
-/// Why no response head came back.
-enum Failed {
-    Timeout,
-    Connect(ConnectError),
-    Hyper(hyper::Error),
-    Released,
-}
-
-impl Failed {
-    fn answer(
-        self,
-        pool: &ServerPool,
-        body: &BodyState,
-        first_h2: bool,
-        timeout: &std::time::Duration,
-    ) -> Response<ResponseBody> {
-        if let Some(fault) = body.fault() {
-            // The client's body failed (too large, stalled, aborted): the pipeline answers with
-            // 413/408/400 from the body's state; the upstream did nothing wrong.
-            record_status(pool, "cancelled");
-            tracing::debug!(upstream = %pool.upstream.0, server = %pool.server.0, ?fault, "request body failed while it streamed upstream");
-            let mut r = crate::handlers::text(StatusCode::BAD_REQUEST, "request body failed\n");
-            r.extensions_mut()
-                .insert(AccessLogError(format!("proxy:request_body {fault:?}")));
-            return r;
+        let Some(parts) = parts else {
+            // Unreachable: a request without a head to replay is never retried.
+            return refusal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error\n",
+                "proxy:internal no request head left to retry",
+            );
+        };
+        let attempt = Attempt {
+            upstream: &upstream,
+            ctx: ctx.as_ref(),
+            body_state: &body_state,
+            upgrade: upgrade.clone(),
+        };
+        let (answer, transport) = match attempt.run(chosen, parts, &mut body, client_upgrade.take(), &mut stale).await {
+            Attempted::Done(r) => return r,
+            Attempted::Failed { answer, transport } => (answer, transport),
+        };
+        // The body went upstream with the attempt (unless there was none): it cannot be replayed.
+        let consumed = !bodyless && body.is_none();
+        let next = match attempts.as_mut().zip(upstream.retry.as_ref()) {
+            None => None,
+            Some((a, budget)) => {
+                tried.push(index);
+                match upstream.select(&tried, Instant::now()) {
+                    Err(_) => None,
+                    Ok(next) => {
+                        let decision = a.retry(budget, consumed, Instant::now());
+                        upstream.resilience().retry(&upstream.spec.name, decision);
+                        match decision {
+                            Ok(()) => Some(next),
+                            Err(denied) => {
+                                tracing::debug!(upstream = %upstream.spec.name.0, reason = denied.as_label(), "failed attempt not retried");
+                                None
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        match next {
+            Some(next) => {
+                if let ResponseBody::Upstream(b) = answer.into_body() {
+                    b.abandon();
+                }
+                chosen = next;
+            }
+            None if transport => {
+                let error = answer
+                    .extensions()
+                    .get::<AccessLogError>()
+                    .map(|e| e.0.clone())
+                    .unwrap_or_default();
+                return answer::fallback(&upstream, &method, stale.as_ref(), &error).unwrap_or(answer);
+            }
+            None => return answer,
         }
-        match self {
-            Failed::Timeout => failure(
-                pool,
-                StatusCode::GATEWAY_TIMEOUT,
-                "response_header_timeout",
-                &format!("no response head within response_header_timeout ({timeout:?})"),
-            ),
-            Failed::Connect(e) => {
+    }
+}
+
+/// What a GET needs for the stale cache (to store its response, or to be answered from it),
+/// when the upstream has one.
+fn stale_request(upstream: &Upstream, req: &Request<RequestBody>) -> Option<StaleRequest> {
+    if upstream.stale.is_none() || req.method() != Method::GET {
+        return None;
+    }
+    let host = headers::client_host(req.uri(), req.headers())?;
+    Some(StaleRequest {
+        host: host.to_str().ok()?.to_owned(),
+        path_and_query: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+        headers: req.headers().clone(),
+    })
+}
+
+/// A copy of a request head for one more attempt (`Parts` is not `Clone`: its extensions are
+/// the client side's business and are not sent upstream anyway).
+fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
+    let (mut copy, ()) = Request::new(()).into_parts();
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
+}
+
+fn empty_body() -> UpBody {
+    Empty::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+/// How one attempt ended.
+enum Attempted {
+    /// The answer to send: the upstream's response, or an error that no retry or fallback can
+    /// make good (the client's own body failed, an upgrade met HTTP/2).
+    Done(Response<ResponseBody>),
+    /// The attempt failed in a way another attempt may not: `answer` is what the client gets if
+    /// none is made. `transport`: no usable response (a fallback may answer instead); else an
+    /// upstream 502/503/504 response, passed on as it is when not retried.
+    Failed { answer: Response<ResponseBody>, transport: bool },
+}
+
+/// What every attempt of one request shares.
+struct Attempt<'a> {
+    upstream: &'a Arc<Upstream>,
+    ctx: Option<&'a RequestContext>,
+    body_state: &'a BodyState,
+    upgrade: Option<HeaderValue>,
+}
+
+impl Attempt<'_> {
+    /// One attempt on the chosen server. Takes the request body when it sends it.
+    async fn run(
+        self,
+        chosen: Chosen,
+        mut parts: http::request::Parts,
+        body: &mut Option<RequestBody>,
+        client_upgrade: Option<OnUpgrade>,
+        stale: &mut Option<StaleRequest>,
+    ) -> Attempted {
+        let spec = &self.upstream.spec;
+        let name = &spec.name.0;
+        let Chosen { index, permit } = chosen;
+        let pool = self.upstream.servers[index].clone();
+        let guard = self.upstream.guards[index].clone();
+        let in_flight = pool.start_request();
+        let mut watch = Abandoned::new(&pool);
+
+        let mut lease = match pool.checkout().await {
+            Ok(l) => l,
+            Err(e) => {
+                watch.disarm();
+                guard.report(&pool, permit, Outcome::Transport);
                 let status = match e {
                     ConnectError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
                     _ => StatusCode::BAD_GATEWAY,
                 };
-                failure(pool, status, e.cause(), &e.to_string())
+                return Attempted::Failed {
+                    answer: failure(&pool, status, e.cause(), &e.to_string()),
+                    transport: true,
+                };
             }
-            Failed::Hyper(e) => {
-                let cause = classify(&e, first_h2);
-                if cause == "h2_refused" {
-                    pool.note_lost("h2_refused");
-                }
-                failure(pool, StatusCode::BAD_GATEWAY, cause, &error_chain(&e))
-            }
-            Failed::Released => failure(
-                pool,
+        };
+        if self.upgrade.is_some() && lease.wire.is_h2() {
+            watch.disarm();
+            lease.fate = "error";
+            return Attempted::Done(failure(
+                &pool,
                 StatusCode::BAD_GATEWAY,
-                "internal",
-                "the connection was released before the request was sent",
-            ),
+                "upgrade_unsupported",
+                "the client asked for an Upgrade, which needs an HTTP/1.1 upstream connection",
+            ));
         }
-    }
-}
+        let wire = lease.wire;
+        if let Err(why) = headers::to_upstream(&mut parts, self.ctx, spec, &pool.server.0, wire.is_h2(), self.upgrade.clone()) {
+            watch.disarm();
+            lease.fate = "error";
+            return Attempted::Done(failure(&pool, StatusCode::BAD_GATEWAY, "bad_request_head", why));
+        }
+        let up_body = match body.take() {
+            Some(b) if !b.is_end_stream() => b.boxed_unsync(),
+            _ => empty_body(),
+        };
+        let mut outgoing = Request::from_parts(parts, up_body);
 
-/// The `cause` of an exchange that failed before the response head.
-fn classify(e: &hyper::Error, first_h2: bool) -> &'static str {
-    if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() || e.is_parse_version_h2() {
-        return "bad_response";
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
-            if first_h2 && !h2e.is_reset() {
-                return "h2_refused";
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + spec.response_header_timeout;
+        let mut resent = false;
+        let result = loop {
+            match tokio::time::timeout_at(deadline, lease.send(outgoing)).await {
+                Err(_) => break Err(Failed::Timeout),
+                Ok(Ok(resp)) => break Ok(resp),
+                // A pooled connection the upstream closed just before the request left: nothing
+                // was sent, so it goes on a fresh connection once, whatever its method. This is
+                // the keep-alive race every pool has, not a retry.
+                Ok(Err(SendError::NotSent(e, req))) if lease.reused && !resent => {
+                    resent = true;
+                    tracing::debug!(upstream = %name, server = %pool.server.0, error = %e, "pooled connection closed before the request left; sending on a new one");
+                    lease.fate = "upstream_closed";
+                    lease = match pool.checkout().await {
+                        Ok(l) if l.wire == wire => l,
+                        Ok(mut l) => {
+                            l.fate = "error";
+                            break Err(Failed::Hyper(e));
+                        }
+                        Err(ce) => break Err(Failed::Connect(ce)),
+                    };
+                    outgoing = *req;
+                }
+                Ok(Err(SendError::NotSent(e, _) | SendError::Failed(e))) => break Err(Failed::Hyper(e)),
+                Ok(Err(SendError::Released)) => break Err(Failed::Released),
             }
-            if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
-                return "refused_stream";
+        };
+        let mut resp = match result {
+            Ok(resp) => resp,
+            Err(failed) => {
+                watch.disarm();
+                lease.fate = "error";
+                let (answer, transport) = failed.answer(
+                    &pool,
+                    self.body_state,
+                    lease.first_h2_exchange(),
+                    &spec.response_header_timeout,
+                );
+                if !transport {
+                    // The client's body failed: nothing to learn about the server (the permit
+                    // drops unreported).
+                    return Attempted::Done(answer);
+                }
+                guard.report(&pool, permit, Outcome::Transport);
+                return Attempted::Failed { answer, transport };
             }
-            // An error h2 raised itself is the upstream breaking the protocol.
-            return if h2e.is_remote() || h2e.is_io() || h2e.is_go_away() {
-                "reset_before_response"
+        };
+        pool.observe_latency(started.elapsed());
+        record_sent(&pool, lease.reused, resp.status().as_str());
+        let status = resp.status();
+        let outcome = if status.is_server_error() {
+            Outcome::ServerError
+        } else {
+            Outcome::Success
+        };
+        guard.report(&pool, permit, outcome);
+
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            watch.disarm();
+            let Some(client) = client_upgrade else {
+                lease.fate = "error";
+                return Attempted::Done(failure(
+                    &pool,
+                    StatusCode::BAD_GATEWAY,
+                    "bad_response",
+                    "101 Switching Protocols to a request that asked for no upgrade",
+                ));
+            };
+            let upstream_io = hyper::upgrade::on(&mut resp);
+            lease.consume();
+            upgrade::tunnel(client, upstream_io, pool.upstream.clone(), pool.server.clone());
+            let (mut parts, _) = resp.into_parts();
+            headers::to_client(&mut parts, true);
+            return Attempted::Done(Response::from_parts(parts, ResponseBody::empty()));
+        }
+
+        let (mut parts, incoming) = resp.into_parts();
+        let fate = Arc::new(OnceLock::new());
+        if wire == Wire::Http11 {
+            let keep_alive = if parts.version == Version::HTTP_10 {
+                headers::connection_has(&parts.headers, "keep-alive")
             } else {
-                "bad_response"
+                !headers::connection_has(&parts.headers, "close")
+            };
+            lease.release_h1(!keep_alive, fate.clone());
+        }
+        headers::to_client(&mut parts, false);
+        watch.disarm();
+        let tee = self.tee(status, &parts.headers, stale);
+        let body = UpstreamBody::new(
+            incoming,
+            Exchange {
+                pool: pool.clone(),
+                lease,
+                in_flight,
+                fate,
+                guard,
+            },
+            tee,
+        );
+        let resp = Response::from_parts(parts, ResponseBody::Upstream(body));
+        if matches!(status.as_u16(), 502..=504) {
+            return Attempted::Failed {
+                answer: resp,
+                transport: false,
             };
         }
-        source = s.source();
+        Attempted::Done(resp)
     }
-    if first_h2 {
-        return "h2_refused";
-    }
-    "reset_before_response"
-}
 
-/// `e` and its sources, joined: hyper's own message alone is often just "connection error".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !out.contains(&s_text) {
-            out.push_str(": ");
-            out.push_str(&s_text);
+    /// A copy of a 200 response to a GET for the stale cache, unless it is announced larger
+    /// than the cache takes or it sets a cookie (which the cache never stores).
+    fn tee(&self, status: StatusCode, response: &http::HeaderMap, stale: &mut Option<StaleRequest>) -> Option<Tee> {
+        if status != StatusCode::OK {
+            return None;
         }
-        source = s.source();
+        let (cache, settings) = self.upstream.stale.as_ref().zip(self.upstream.spec.stale.as_ref())?;
+        let cap = settings.max_body_bytes;
+        let announced = response
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > cap as u64) || response.contains_key(header::SET_COOKIE) {
+            return None;
+        }
+        Some(Tee {
+            cache: cache.clone(),
+            request: stale.take()?,
+            status,
+            headers: response.clone(),
+            cap,
+            chunks: Vec::new(),
+            len: 0,
+        })
     }
-    out
-}
-
-fn record_status(pool: &ServerPool, status: &str) {
-    pool.metrics()
-        .requests
-        .get_or_create(&StatusLabels {
-            upstream: pool.upstream.clone(),
-            server: pool.server.clone(),
-            status: status.to_string(),
-        })
-        .inc();
-}
-
-/// Counts a response head received, and the connection it came on for the reuse ratio.
-fn record_sent(pool: &ServerPool, reused: bool, status: &str) {
-    record_status(pool, status);
-    let m = pool.metrics();
-    let labels = UpstreamLabels {
-        upstream: pool.upstream.clone(),
-    };
-    let all = m.sent.get_or_create(&labels).inc() + 1;
-    let reused_count = if reused {
-        m.sent_reused.get_or_create(&labels).inc() + 1
-    } else {
-        m.sent_reused.get_or_create(&labels).get()
-    };
-    m.reuse_ratio
-        .get_or_create(&labels)
-        .set(reused_count as f64 / all as f64);
-}
-
-/// gatehouse's answer for an exchange that failed: counted, logged, and named in the access log.
-fn failure(pool: &ServerPool, status: StatusCode, cause: &'static str, detail: &str) -> Response<ResponseBody> {
-    record_status(pool, "error");
-    pool.metrics()
-        .errors
-        .get_or_create(&CauseLabels {
-            upstream: pool.upstream.clone(),
-            server: pool.server.clone(),
-            cause,
-        })
-        .inc();
-    tracing::warn!(
-        upstream = %pool.upstream.0,
-        server = %pool.server.0,
-        cause,
-        detail,
-        status = status.as_u16(),
-        "upstream exchange failed"
-    );
-    let text = match status {
-        StatusCode::GATEWAY_TIMEOUT => "gateway timeout",
-        StatusCode::SERVICE_UNAVAILABLE => "service unavailable",
-        _ => "bad gateway",
-    };
-    let mut r = Response::new(ResponseBody::from(format!(
-        "{text}: upstream `{}` {cause}\n",
-        pool.upstream.0
-    )));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r.extensions_mut().insert(AccessLogError(format!(
-        "upstream:{cause} upstream={} server={} ({detail})",
-        pool.upstream.0, pool.server.0
-    )));
-    r
-}
-
-/// An answer gatehouse makes before any upstream is involved.
-fn refusal(status: StatusCode, body: &'static str, error: &str) -> Response<ResponseBody> {
-    let mut r = crate::handlers::text(status, body);
-    r.extensions_mut().insert(AccessLogError(error.to_string()));
-    r
 }
 
 /// Counts and logs a client that went away (or `timeouts.request` expired) before the upstream's

@@ -57,6 +57,13 @@ pub struct PhaseLabels {
     pub phase: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnavailableLabels {
+    pub upstream: Name,
+    /// Why the last server left was not tried: `breaker_open`, `unhealthy` or `ejected`.
+    pub reason: &'static str,
+}
+
 /// Every proxy series. Cloning is cheap: each field is a shared handle.
 #[derive(Clone, Debug, Default)]
 pub struct UpstreamMetrics {
@@ -67,6 +74,10 @@ pub struct UpstreamMetrics {
     pub errors: Family<CauseLabels, Counter>,
     pub alpn_fallback: Family<ServerLabels, Counter>,
     pub cancelled: Family<PhaseLabels, Counter>,
+    /// 1 while active health checks hold the server healthy, 0 while they hold it unhealthy.
+    pub server_healthy: Family<ServerLabels, Gauge>,
+    pub ejections: Family<ServerLabels, Counter>,
+    pub unavailable: Family<UnavailableLabels, Counter>,
     // Not exposed: the two terms of `reuse_ratio`, kept per upstream across reloads.
     pub(crate) sent: Family<UpstreamLabels, Counter>,
     pub(crate) sent_reused: Family<UpstreamLabels, Counter>,
@@ -109,6 +120,21 @@ impl UpstreamMetrics {
             "upstream_cancelled",
             "Upstream requests abandoned because the client went away, by phase (response_headers, response_body)",
             self.cancelled.clone(),
+        );
+        r.register(
+            "upstream_server_healthy",
+            "Active health checks: 1 while the server is healthy, 0 while unhealthy ([upstreams.health] only)",
+            self.server_healthy.clone(),
+        );
+        r.register(
+            "upstream_ejections",
+            "Servers taken out of rotation for a while after consecutive failed requests (passive health)",
+            self.ejections.clone(),
+        );
+        r.register(
+            "upstream_unavailable",
+            "Requests for which no server of the upstream could be tried, by why the last one was skipped",
+            self.unavailable.clone(),
         );
     }
 }

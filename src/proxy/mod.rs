@@ -8,13 +8,19 @@
 //! metric, and an ALPN fall back to HTTP/1.1 is counted and logged.
 //!
 //! Layout: [`connect`] opens one connection (TCP, TLS, ALPN, handshake); [`pool`] keeps them per
-//! server; [`upstream`] holds the configured upstreams, reconciles them on reload and balances;
-//! [`headers`] rewrites heads both ways; [`forward`] runs one exchange; [`body`] streams the
-//! response back; [`upgrade`] tunnels `101 Switching Protocols`.
+//! server; [`upstream`] holds the configured upstreams, reconciles them on reload and balances
+//! over the servers their [`guard`]s (health, breaker) allow; [`checker`] runs the active health
+//! checks; [`headers`] rewrites heads both ways; [`forward`] runs a request's attempts and
+//! retries; [`answer`] makes its errors and fallbacks; [`body`] streams the response back (and
+//! tees it into the stale cache); [`upgrade`] tunnels `101 Switching Protocols`. The
+//! [`resilience`] blocks are the state machines behind guards, retries and fallbacks.
 
+pub mod answer;
 pub mod body;
+pub mod checker;
 pub mod connect;
 pub mod forward;
+pub mod guard;
 pub mod headers;
 pub mod metrics;
 pub mod pool;

@@ -173,6 +173,19 @@ impl Router {
     pub fn set_upstream_metrics(&self, metrics: crate::proxy::UpstreamMetrics) {
         self.gateway.set_metrics(metrics);
     }
+    /// Records the proxy's breaker states, retries and fallbacks into `metrics`.
+    pub fn set_resilience_metrics(&self, metrics: crate::proxy::resilience::metrics::ResilienceMetrics) {
+        self.gateway.set_resilience_metrics(metrics);
+    }
+    /// Starts the upstreams' active health checks on the current runtime (the server does this
+    /// when it starts serving; reloads then replace them).
+    pub fn start_health_checks(&self) {
+        self.gateway.start_health_checks();
+    }
+    /// Stops the active health checks (the server does this once drained).
+    pub async fn stop_health_checks(&self) {
+        self.gateway.stop_health_checks().await;
+    }
 }
 
 type RouterFuture = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;

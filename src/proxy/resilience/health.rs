@@ -182,6 +182,23 @@ impl ServerHealth {
         s.health == Health::Healthy && s.ejected_until.is_none_or(|until| now >= until)
     }
 
+    /// Why the balancer may not pick this server now, if it may not: `unhealthy` (active
+    /// checks) or `ejected` (passive), one lock for both answers.
+    pub fn unavailable(&self, now: Instant) -> Option<&'static str> {
+        let s = self.lock();
+        if s.health == Health::Unhealthy {
+            Some("unhealthy")
+        } else if s.ejected_until.is_some_and(|until| now < until) {
+            Some("ejected")
+        } else {
+            None
+        }
+    }
+
+    pub fn settings(&self) -> &HealthSettings {
+        &self.settings
+    }
+
     pub fn health(&self) -> Health {
         self.lock().health
     }
