@@ -8,7 +8,7 @@
 //! returns the figures that explain its answer so the caller can log and count it.
 //!
 //! The settings structs mirror the `[upstreams.*]`, `[[traffic_classes]]` and `[[rate_limits]]`
-//! configuration keys (see `docs/proxy-resilience.md`); each documents which key sets which field.
+//! configuration keys (see `docs/proxy.md`); each documents which key sets which field.
 
 pub mod breaker;
 pub mod classes;
