@@ -379,7 +379,10 @@ fn validate_resilience(key: &str, u: &UpstreamConfig, f: &mut super::Findings) {
                 "set a positive duration such as \"5s\"",
             );
         }
-        for (name, v) in [("unhealthy_after", h.unhealthy_after), ("healthy_after", h.healthy_after)] {
+        for (name, v) in [
+            ("unhealthy_after", h.unhealthy_after),
+            ("healthy_after", h.healthy_after),
+        ] {
             if v == 0 {
                 f.error(
                     format!("{key}.health.{name}"),
@@ -397,7 +400,10 @@ fn validate_resilience(key: &str, u: &UpstreamConfig, f: &mut super::Findings) {
                 "set the share of failed requests that opens the breaker, e.g. 0.5",
             );
         }
-        for (name, v) in [("min_requests", b.min_requests), ("half_open_probes", b.half_open_probes)] {
+        for (name, v) in [
+            ("min_requests", b.min_requests),
+            ("half_open_probes", b.half_open_probes),
+        ] {
             if v == 0 {
                 f.error(format!("{key}.breaker.{name}"), "is 0", "set 1 or more");
             }
@@ -550,14 +556,15 @@ burst = 200
         );
         // Parsed, and each section not wired yet is refused by name.
         let keys: Vec<String> = c.validate().iter().map(|f| f.key.clone()).collect();
-        for k in ["upstreams[0].health", "upstreams[0].breaker", "upstreams[0].retry", "upstreams[0].fallback"] {
+        for k in [
+            "upstreams[0].health",
+            "upstreams[0].breaker",
+            "upstreams[0].retry",
+            "upstreams[0].fallback",
+        ] {
             assert!(!keys.iter().any(|key| key.starts_with(k)), "{k} refused: {keys:?}");
         }
-        for k in [
-            "traffic_classes",
-            "rate_limits",
-            "routes[0].rate_limit",
-        ] {
+        for k in ["traffic_classes", "rate_limits", "routes[0].rate_limit"] {
             assert!(keys.contains(&k.to_string()), "missing {k} in {keys:?}");
         }
     }

@@ -148,7 +148,12 @@ pub(super) fn record_sent(pool: &ServerPool, reused: bool, status: &str) {
 }
 
 /// gatehouse's answer for an exchange that failed: counted, logged, and named in the access log.
-pub(super) fn failure(pool: &ServerPool, status: StatusCode, cause: &'static str, detail: &str) -> Response<ResponseBody> {
+pub(super) fn failure(
+    pool: &ServerPool,
+    status: StatusCode,
+    cause: &'static str,
+    detail: &str,
+) -> Response<ResponseBody> {
     record_status(pool, "error");
     pool.metrics()
         .errors
@@ -193,7 +198,6 @@ pub(super) fn refusal(status: StatusCode, body: &'static str, error: &str) -> Re
     r.extensions_mut().insert(AccessLogError(error.to_string()));
     r
 }
-
 
 /// No server of `upstream` could be tried: every one is unhealthy, ejected or behind an open
 /// breaker (`why` names the last skipped). Answered by a fallback when one applies, else 503.

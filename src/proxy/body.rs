@@ -89,7 +89,9 @@ pub struct UpstreamBody {
     inner: Incoming,
     /// `Some` until the body ends, fails or is dropped.
     exchange: Option<Exchange>,
-    tee: Option<Tee>,
+    /// Boxed: only a cacheable GET carries one, and every response body would otherwise be
+    /// as large as its request and response heads.
+    tee: Option<Box<Tee>>,
 }
 
 impl UpstreamBody {
@@ -97,7 +99,7 @@ impl UpstreamBody {
         let mut body = UpstreamBody {
             inner,
             exchange: Some(exchange),
-            tee,
+            tee: tee.map(Box::new),
         };
         if body.inner.is_end_stream() {
             body.exchange = None; // nothing to stream (HEAD, 204, 304): done already

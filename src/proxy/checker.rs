@@ -10,7 +10,9 @@
 
 use super::connect::{self, Sender, UpBody};
 use super::pool::MetricsSlot;
-use super::resilience::health::{spawn_checker, CheckedServer, CheckerHandle, Health, HealthObserver, Probe, ProbeResult};
+use super::resilience::health::{
+    spawn_checker, CheckedServer, CheckerHandle, Health, HealthObserver, Probe, ProbeResult,
+};
 use super::upstream::{HostRewrite, Upstream, UpstreamSpec};
 use http::{header, HeaderValue, Request};
 use http_body_util::{BodyExt, Empty};
@@ -60,7 +62,9 @@ impl HealthChecks {
         let Some(rt) = checks.runtime.clone() else { return };
         let _entered = rt.enter();
         for u in live.values() {
-            let Some(settings) = u.spec.health.clone() else { continue };
+            let Some(settings) = u.spec.health.clone() else {
+                continue;
+            };
             let servers = u
                 .servers
                 .iter()

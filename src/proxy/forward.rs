@@ -84,7 +84,10 @@ pub async fn forward(upstream: Arc<Upstream>, mut req: Request<RequestBody>) -> 
             body_state: &body_state,
             upgrade: upgrade.clone(),
         };
-        let (answer, transport) = match attempt.run(chosen, parts, &mut body, client_upgrade.take(), &mut stale).await {
+        let (answer, transport) = match attempt
+            .run(chosen, parts, &mut body, client_upgrade.take(), &mut stale)
+            .await
+        {
             Attempted::Done(r) => return r,
             Attempted::Failed { answer, transport } => (answer, transport),
         };
@@ -167,7 +170,10 @@ enum Attempted {
     /// The attempt failed in a way another attempt may not: `answer` is what the client gets if
     /// none is made. `transport`: no usable response (a fallback may answer instead); else an
     /// upstream 502/503/504 response, passed on as it is when not retried.
-    Failed { answer: Response<ResponseBody>, transport: bool },
+    Failed {
+        answer: Response<ResponseBody>,
+        transport: bool,
+    },
 }
 
 /// What every attempt of one request shares.
@@ -222,7 +228,14 @@ impl Attempt<'_> {
             ));
         }
         let wire = lease.wire;
-        if let Err(why) = headers::to_upstream(&mut parts, self.ctx, spec, &pool.server.0, wire.is_h2(), self.upgrade.clone()) {
+        if let Err(why) = headers::to_upstream(
+            &mut parts,
+            self.ctx,
+            spec,
+            &pool.server.0,
+            wire.is_h2(),
+            self.upgrade.clone(),
+        ) {
             watch.disarm();
             lease.fate = "error";
             return Attempted::Done(failure(&pool, StatusCode::BAD_GATEWAY, "bad_request_head", why));

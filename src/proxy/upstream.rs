@@ -263,7 +263,11 @@ impl Upstream {
                     return Some(a);
                 };
                 let cost = |p: &ServerPool| p.ewma() * (p.in_flight() as f64 + 1.0);
-                Some(if cost(&self.servers[b]) < cost(&self.servers[a]) { b } else { a })
+                Some(if cost(&self.servers[b]) < cost(&self.servers[a]) {
+                    b
+                } else {
+                    a
+                })
             }
         }
     }
@@ -273,10 +277,9 @@ impl Upstream {
         let mut out = String::new();
         for (pool, guard) in self.servers.iter().zip(&self.guards) {
             let why = guard.unavailable(now).or_else(|| {
-                guard
-                    .breaker
-                    .as_ref()
-                    .and_then(|b| (b.poll(now) != super::resilience::breaker::BreakerState::Closed).then_some("breaker_open"))
+                guard.breaker.as_ref().and_then(|b| {
+                    (b.poll(now) != super::resilience::breaker::BreakerState::Closed).then_some("breaker_open")
+                })
             });
             if !out.is_empty() {
                 out.push_str(", ");
@@ -465,7 +468,13 @@ impl Gateway {
     }
 
     /// The guard of `pool`'s server: the previous one when its settings are unchanged.
-    fn guard(&self, spec: &UpstreamSpec, previous: Option<&Upstream>, pool: &ServerPool, now: Instant) -> Arc<ServerGuard> {
+    fn guard(
+        &self,
+        spec: &UpstreamSpec,
+        previous: Option<&Upstream>,
+        pool: &ServerPool,
+        now: Instant,
+    ) -> Arc<ServerGuard> {
         let old = previous.and_then(|u| {
             u.servers
                 .iter()

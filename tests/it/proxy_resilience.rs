@@ -275,11 +275,17 @@ async fn killed_mid_stream(kind: Kind, protocol: &str, http2_client: bool) {
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         assert!(text.contains("partial"), "{text}");
-        assert!(!text.ends_with("0\r\n\r\n"), "the response must not look complete:\n{text}");
+        assert!(
+            !text.ends_with("0\r\n\r\n"),
+            "the response must not look complete:\n{text}"
+        );
     }
     let dead = server_labels(dying.addr);
     eventually("the mid-stream reset is counted", || {
-        srv.metric(&series("upstream_errors_total", &format!("{dead},cause=\"reset_mid_response\""))) == 1.0
+        srv.metric(&series(
+            "upstream_errors_total",
+            &format!("{dead},cause=\"reset_mid_response\""),
+        )) == 1.0
     })
     .await;
 
@@ -292,8 +298,14 @@ async fn killed_mid_stream(kind: Kind, protocol: &str, http2_client: bool) {
         assert_eq!(resp.text().await.unwrap(), "good");
     }
     assert_eq!(srv.metric(&series("upstream_ejections_total", &dead)), 1.0);
-    let connect_failures = srv.metric(&series("upstream_errors_total", &format!("{dead},cause=\"connect_failed\"")));
-    assert_eq!(connect_failures, 2.0, "ejected after reset + 2 connect failures, then skipped");
+    let connect_failures = srv.metric(&series(
+        "upstream_errors_total",
+        &format!("{dead},cause=\"connect_failed\""),
+    ));
+    assert_eq!(
+        connect_failures, 2.0,
+        "ejected after reset + 2 connect failures, then skipped"
+    );
     assert_eq!(good.requests(), 12);
     assert_eq!(
         srv.metric(&series("retries_total", "upstream=\"api\",result=\"attempted\"")),
@@ -431,7 +443,9 @@ async fn active_health(kind: Kind, upstream_keys: &str) {
             async move {
                 if req.uri().path() == "/healthz" {
                     assert_eq!(
-                        req.headers().get("user-agent").map(|v| v.to_str().unwrap().starts_with("gatehouse-health-check/")),
+                        req.headers()
+                            .get("user-agent")
+                            .map(|v| v.to_str().unwrap().starts_with("gatehouse-health-check/")),
                         Some(true)
                     );
                     reply(if healthy { 200 } else { 503 }, "")
@@ -483,16 +497,30 @@ healthy_after = 2
         "{log}"
     );
     assert_eq!(
-        srv.metric(&series("upstream_unavailable_total", "upstream=\"api\",reason=\"unhealthy\"")),
+        srv.metric(&series(
+            "upstream_unavailable_total",
+            "upstream=\"api\",reason=\"unhealthy\""
+        )),
         1.0
     );
 
     a_ok.store(true, SeqCst);
     b_ok.store(true, SeqCst);
-    eventually("both are healthy again", || healthy(a.addr) == 1.0 && healthy(b.addr) == 1.0).await;
+    eventually("both are healthy again", || {
+        healthy(a.addr) == 1.0 && healthy(b.addr) == 1.0
+    })
+    .await;
     let mut seen = std::collections::HashSet::new();
     for _ in 0..4 {
-        seen.insert(c.get(format!("http://{addr}/y")).send().await.unwrap().text().await.unwrap());
+        seen.insert(
+            c.get(format!("http://{addr}/y"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        );
     }
     assert_eq!(seen.len(), 2, "traffic spreads over both again: {seen:?}");
     srv.stop().await;
@@ -534,7 +562,12 @@ async fn retries_never_exceed_the_budget_and_unreplayable_requests_are_not_retri
         assert_eq!(resp.status(), 503, "the upstream's own answer is passed on");
         assert_eq!(resp.text().await.unwrap(), "busy");
     }
-    let retries = |result: &str| srv.metric(&series("retries_total", &format!("upstream=\"api\",result=\"{result}\"")));
+    let retries = |result: &str| {
+        srv.metric(&series(
+            "retries_total",
+            &format!("upstream=\"api\",result=\"{result}\""),
+        ))
+    };
     let attempted = retries("attempted");
     // 0.2 × 200 requests + 10 retries/s × 10s window.
     assert!(attempted <= 140.0, "{attempted} retries exceed the budget");
@@ -553,7 +586,12 @@ async fn retries_never_exceed_the_budget_and_unreplayable_requests_are_not_retri
         assert_eq!(resp.status(), 503);
     }
     assert_eq!(retries("not_idempotent"), 5.0);
-    let resp = c.put(format!("http://{addr}/put")).body("payload").send().await.unwrap();
+    let resp = c
+        .put(format!("http://{addr}/put"))
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 503);
     assert_eq!(retries("body_consumed"), 1.0);
     assert_eq!(a.requests() + b.requests(), sent + 6, "one attempt each");
@@ -579,9 +617,13 @@ async fn stale_fallback_serves_the_last_good_get_then_respond() {
                         // than the 1 MiB the cache takes, and proof that nothing waits for it.
                         let (tx, body) = channel_body();
                         tokio::spawn(async move {
-                            tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 600 * 1024])))).await.unwrap();
+                            tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 600 * 1024]))))
+                                .await
+                                .unwrap();
                             go_rx.lock().await.recv().await;
-                            tx.send(Ok(Frame::data(Bytes::from(vec![b'y'; 600 * 1024])))).await.unwrap();
+                            tx.send(Ok(Frame::data(Bytes::from(vec![b'y'; 600 * 1024]))))
+                                .await
+                                .unwrap();
                         });
                         Response::new(body)
                     }
@@ -604,7 +646,13 @@ async fn stale_fallback_serves_the_last_good_get_then_respond() {
     let addr = srv.addr("c");
     let c = client(false);
     assert_eq!(
-        c.get(format!("http://{addr}/page")).send().await.unwrap().text().await.unwrap(),
+        c.get(format!("http://{addr}/page"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
         "version 1"
     );
     let mut big = c.get(format!("http://{addr}/big")).send().await.unwrap();
@@ -658,4 +706,61 @@ async fn stale_fallback_serves_the_last_good_get_then_respond() {
         "{log}"
     );
     srv.stop().await;
+}
+
+/// A reload replaces the checkers (a removed `[upstreams.health]` stops probing, and its gauge
+/// series goes), and shutdown stops them: no checker task outlives its configuration.
+#[tokio::test]
+async fn reload_replaces_health_checkers_and_shutdown_stops_them() {
+    let probes = Arc::new(AtomicUsize::new(0));
+    let p = probes.clone();
+    let be = Backend::start(
+        Kind::H1,
+        handler(move |req| {
+            if req.uri().path() == "/healthz" {
+                p.fetch_add(1, SeqCst);
+            }
+            async { reply(503, "") }
+        }),
+    )
+    .await;
+    let srv = proxy(
+        &[be.addr],
+        "[upstreams.health]\ninterval = \"100ms\"\nunhealthy_after = 1\nhealthy_after = 1\n",
+    )
+    .await;
+    let gauge = series("upstream_server_healthy", &server_labels(be.addr));
+    eventually("the failing server is marked unhealthy", || srv.metric(&gauge) == 0.0).await;
+
+    // Without [upstreams.health]: the checker stops and its series is removed.
+    let mut next = (*srv.handle.config()).clone();
+    next.upstreams[0].health = None;
+    srv.handle.reload(next).await.unwrap();
+    assert!(!srv
+        .handle
+        .metrics
+        .encode()
+        .contains("gatehouse_upstream_server_healthy{"));
+    let after_reload = probes.load(SeqCst);
+    // Absence cannot be awaited: give a stray checker five intervals to show itself.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        probes.load(SeqCst) <= after_reload + 1,
+        "probes continued after the reload removed the checks"
+    );
+
+    // Back again: a new checker (the server starts healthy, its settings having changed).
+    let mut next = (*srv.handle.config()).clone();
+    next.upstreams[0].health = Some(Default::default());
+    next.upstreams[0].health.as_mut().unwrap().interval = gatehouse::config::Span(Duration::from_millis(100));
+    next.upstreams[0].health.as_mut().unwrap().unhealthy_after = 1;
+    srv.handle.reload(next).await.unwrap();
+    let before = probes.load(SeqCst);
+    eventually("the new checker probes", || probes.load(SeqCst) > before + 1).await;
+    eventually("and marks the server unhealthy", || srv.metric(&gauge) == 0.0).await;
+
+    srv.stop().await;
+    let stopped = probes.load(SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(probes.load(SeqCst) <= stopped + 1, "probes continued after shutdown");
 }
