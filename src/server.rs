@@ -364,6 +364,7 @@ impl Server {
     /// service keeps running unchanged across reloads, which still apply to everything else.
     pub fn with_config_routes(self, router: &Router) -> Self {
         router.set_upstream_metrics(self.handle.metrics.upstream.clone());
+        router.set_resilience_metrics(self.handle.metrics.resilience.clone());
         self.handle.live.set_router(router.clone());
         self
     }

@@ -115,6 +115,8 @@ pub struct Metrics {
     pub trace: crate::observe::otel::TraceMetrics,
     /// The reverse proxy's series (`gatehouse_upstream_*`).
     pub upstream: crate::proxy::UpstreamMetrics,
+    /// The proxy's resilience series (shedding, rate limits, breakers, fallbacks, retries).
+    pub resilience: crate::proxy::resilience::metrics::ResilienceMetrics,
     registry: Arc<PromRegistry>,
 }
 
@@ -146,6 +148,7 @@ impl Metrics {
             access_log_dropped: Counter::default(),
             trace: Default::default(),
             upstream: crate::proxy::UpstreamMetrics::default(),
+            resilience: Default::default(),
             registry: Arc::new(PromRegistry::default()),
         };
         r.register(
@@ -229,6 +232,7 @@ impl Metrics {
             m.reload_timestamp.clone(),
         );
         m.upstream.register(r);
+        m.resilience.register(r);
         r.register_collector(Box::new(OpenConnections { conns }));
         Metrics {
             registry: Arc::new(root),

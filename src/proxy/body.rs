@@ -26,6 +26,9 @@ pub struct UpstreamBody {
     inner: Incoming,
     /// `Some` until the body ends, fails or is dropped.
     exchange: Option<Exchange>,
+    /// The request's traffic-class slot, given back when the body is dropped (hyper drops it
+    /// once the response has been sent, or the client went away).
+    slot: Option<crate::proxy::resilience::classes::InFlight>,
 }
 
 impl UpstreamBody {
@@ -33,11 +36,19 @@ impl UpstreamBody {
         let mut body = UpstreamBody {
             inner,
             exchange: Some(exchange),
+            slot: None,
         };
         if body.inner.is_end_stream() {
             body.exchange = None; // nothing to stream (HEAD, 204, 304): done already
         }
         body
+    }
+}
+
+impl UpstreamBody {
+    /// Holds `slot` for as long as the response is being sent.
+    pub fn hold(&mut self, slot: crate::proxy::resilience::classes::InFlight) {
+        self.slot = Some(slot);
     }
 }
 
