@@ -73,7 +73,9 @@ impl super::Config {
                     if let Some((j, _, _)) = matchers.iter().find(|(_, h, v)| *h == lower && *v == c.value) {
                         f.warning(
                             key.clone(),
-                            format!("never matches: traffic_classes[{j}] has the same header and value and is tried first"),
+                            format!(
+                                "never matches: traffic_classes[{j}] has the same header and value and is tried first"
+                            ),
                             "remove this class or change its value",
                         );
                     }
@@ -153,7 +155,11 @@ impl super::Config {
                     "set at least 1, or leave it out to allow the rate's count at once",
                 );
             }
-            if !self.routes.iter().any(|r| r.rate_limit.as_deref() == Some(l.name.as_str())) {
+            if !self
+                .routes
+                .iter()
+                .any(|r| r.rate_limit.as_deref() == Some(l.name.as_str()))
+            {
                 f.warning(
                     key.clone(),
                     format!("no route uses rate limit `{}`", l.name),

@@ -3,10 +3,10 @@
 //! Every default has a `DEFAULT_*` constant with the reason for its value. Types
 //! reject unknown keys, so a misspelt key is an error rather than a silent no-op.
 
+mod admission;
 mod load;
 mod telemetry;
 mod units;
-mod admission;
 mod upstream;
 mod validate;
 

@@ -16,9 +16,7 @@ use crate::http::{AccessLogError, RequestContext};
 use crate::observe::Name;
 use crate::proxy::resilience::classes::{ClassSpec, InFlight, Shed, TrafficClasses};
 use crate::proxy::resilience::metrics::ResilienceMetrics;
-use crate::proxy::resilience::ratelimit::{
-    KeyedRateLimit, RateDecision, RateLimitSpec, HOUSEKEEPING_INTERVAL,
-};
+use crate::proxy::resilience::ratelimit::{KeyedRateLimit, RateDecision, RateLimitSpec, HOUSEKEEPING_INTERVAL};
 use crate::proxy::Upstream;
 use http::{HeaderMap, Request, Response};
 use std::collections::HashMap;
@@ -159,7 +157,11 @@ impl Admission {
             RateDecision::Limited { retry_after } => {
                 let name = entry.limit.name();
                 metrics.rate_limited(&Name(Arc::clone(name)));
-                tracing::debug!(limit = &**name, retry_after_ms = retry_after.as_millis() as u64, "rate limited");
+                tracing::debug!(
+                    limit = &**name,
+                    retry_after_ms = retry_after.as_millis() as u64,
+                    "rate limited"
+                );
                 let mut r = entry.limit.limited_response(retry_after).map(ResponseBody::from);
                 r.extensions_mut()
                     .insert(AccessLogError(format!("rate_limited limit={name}")));
@@ -181,9 +183,10 @@ impl Admission {
             return Ok(None);
         };
         let name = &upstream.spec.name.0;
-        let saturated = self.saturation.get(name).is_some_and(|&at| {
-            upstream.servers.iter().map(|s| s.in_flight()).sum::<usize>() >= at
-        });
+        let saturated = self
+            .saturation
+            .get(name)
+            .is_some_and(|&at| upstream.servers.iter().map(|s| s.in_flight()).sum::<usize>() >= at);
         classes
             .admit(classes.classify(headers), saturated)
             .map(Some)

@@ -16,6 +16,7 @@ mod malformed;
 mod metrics;
 mod protocols;
 mod proxy;
+mod proxy_shedding;
 mod redaction;
 mod reload;
 mod resilience;

@@ -431,8 +431,8 @@ mod tests {
         let held_prem = old.admit(prem, false).unwrap();
         let held_std = old.admit(old.classify(&headers(None)), false).unwrap();
         // Same premium class, a new bulk class, a lower global limit.
-        let new = TrafficClasses::new(&[spec("premium", "premium", 1, 2), spec("bulk", "bulk", 0, 0)], 2)
-            .continuing(&old);
+        let new =
+            TrafficClasses::new(&[spec("premium", "premium", 1, 2), spec("bulk", "bulk", 0, 0)], 2).continuing(&old);
         assert_eq!(new.in_flight(), 2, "the old requests still count");
         let p = new.classify(&headers(Some("premium")));
         assert_eq!(new.admit(p, false).unwrap_err().reason, ShedReason::ClassLimit);
@@ -441,7 +441,11 @@ mod tests {
         let s = new.classify(&headers(None));
         assert_eq!(new.admit(s, false).unwrap_err().reason, ShedReason::GlobalLimit);
         drop(held_std);
-        assert_eq!(new.in_flight(), 0, "old guards give their slots back to the new counters");
+        assert_eq!(
+            new.in_flight(),
+            0,
+            "old guards give their slots back to the new counters"
+        );
         assert!(new.admit(s, false).is_ok());
     }
 
