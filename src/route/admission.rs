@@ -135,7 +135,7 @@ impl Admission {
         index: usize,
         req: &Request<B>,
         metrics: &ResilienceMetrics,
-    ) -> Result<Option<RateAdmitted>, Response<ResponseBody>> {
+    ) -> Result<Option<RateAdmitted>, Box<Response<ResponseBody>>> {
         let Some(entry) = self.limits.get(index) else {
             return Ok(None);
         };
@@ -165,7 +165,7 @@ impl Admission {
                 let mut r = entry.limit.limited_response(retry_after).map(ResponseBody::from);
                 r.extensions_mut()
                     .insert(AccessLogError(format!("rate_limited limit={name}")));
-                Err(r)
+                Err(Box::new(r))
             }
         }
     }
@@ -178,7 +178,7 @@ impl Admission {
         upstream: &Upstream,
         headers: &HeaderMap,
         metrics: &ResilienceMetrics,
-    ) -> Result<Option<InFlight>, Response<ResponseBody>> {
+    ) -> Result<Option<InFlight>, Box<Response<ResponseBody>>> {
         let Some(classes) = &self.classes else {
             return Ok(None);
         };
@@ -194,7 +194,7 @@ impl Admission {
     }
 }
 
-fn shed_answer(shed: &Shed, upstream: &str, metrics: &ResilienceMetrics) -> Response<ResponseBody> {
+fn shed_answer(shed: &Shed, upstream: &str, metrics: &ResilienceMetrics) -> Box<Response<ResponseBody>> {
     metrics.shed(&Name(Arc::clone(&shed.class)));
     let reason = shed.reason.as_str();
     tracing::debug!(class = &*shed.class, reason, upstream, "request shed");
@@ -203,7 +203,7 @@ fn shed_answer(shed: &Shed, upstream: &str, metrics: &ResilienceMetrics) -> Resp
         "shed class={} reason={reason} upstream={upstream}",
         shed.class
     )));
-    r
+    Box::new(r)
 }
 
 #[cfg(test)]

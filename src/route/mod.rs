@@ -261,7 +261,7 @@ async fn route(
     // Before the handler (and before the body is read): a refused request costs nothing more.
     let admitted = match table.admission.check_rate(limit, &req, resilience) {
         Ok(admitted) => admitted,
-        Err(limited) => return limited,
+        Err(limited) => return *limited,
     };
     let mut resp = dispatch(table, gateway, resilience, found, req).await;
     if let Some(a) = admitted {
@@ -292,7 +292,7 @@ async fn dispatch(
         };
         let slot = match table.admission.admit(&u, req.headers(), resilience) {
             Ok(slot) => slot,
-            Err(shed) => return shed,
+            Err(shed) => return *shed,
         };
         let mut resp = crate::proxy::forward(u, req).await;
         // The class slot is held until the response body ends (a streamed response keeps the
