@@ -18,6 +18,7 @@ use crate::proxy::resilience::classes::{ClassSpec, InFlight, Shed, TrafficClasse
 use crate::proxy::resilience::metrics::ResilienceMetrics;
 use crate::proxy::resilience::ratelimit::{KeyedRateLimit, RateDecision, RateLimitSpec, HOUSEKEEPING_INTERVAL};
 use crate::proxy::Upstream;
+use arc_swap::ArcSwap;
 use http::{HeaderMap, Request, Response};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -88,7 +89,10 @@ impl Admission {
                         true => http::HeaderName::from_static("x-unused"),
                         false => http::HeaderName::from_bytes(c.header.as_bytes()).ok()?,
                     },
-                    value: http::HeaderValue::from_str(&c.value).ok()?,
+                    value: match standard {
+                        true => http::HeaderValue::from_static(""),
+                        false => http::HeaderValue::from_str(&c.value).ok()?,
+                    },
                     max_in_flight: c.max_in_flight as usize,
                     shed_order: c.shed_order,
                 })
@@ -134,12 +138,12 @@ impl Admission {
         &self,
         index: usize,
         req: &Request<B>,
-        metrics: &ResilienceMetrics,
+        metrics: &ArcSwap<ResilienceMetrics>,
     ) -> Result<Option<RateAdmitted>, Box<Response<ResponseBody>>> {
         let Some(entry) = self.limits.get(index) else {
             return Ok(None);
         };
-        if tokio::runtime::Handle::try_current().is_ok() {
+        if !entry.housekeeping.is_completed() && tokio::runtime::Handle::try_current().is_ok() {
             entry.housekeeping.call_once(|| {
                 entry.limit.spawn_housekeeping(HOUSEKEEPING_INTERVAL);
             });
@@ -156,7 +160,7 @@ impl Admission {
             })),
             RateDecision::Limited { retry_after } => {
                 let name = entry.limit.name();
-                metrics.rate_limited(&Name(Arc::clone(name)));
+                metrics.load().rate_limited(&Name(Arc::clone(name)));
                 tracing::debug!(
                     limit = &**name,
                     retry_after_ms = retry_after.as_millis() as u64,
@@ -177,7 +181,7 @@ impl Admission {
         &self,
         upstream: &Upstream,
         headers: &HeaderMap,
-        metrics: &ResilienceMetrics,
+        metrics: &ArcSwap<ResilienceMetrics>,
     ) -> Result<Option<InFlight>, Box<Response<ResponseBody>>> {
         let Some(classes) = &self.classes else {
             return Ok(None);
@@ -194,8 +198,8 @@ impl Admission {
     }
 }
 
-fn shed_answer(shed: &Shed, upstream: &str, metrics: &ResilienceMetrics) -> Box<Response<ResponseBody>> {
-    metrics.shed(&Name(Arc::clone(&shed.class)));
+fn shed_answer(shed: &Shed, upstream: &str, metrics: &ArcSwap<ResilienceMetrics>) -> Box<Response<ResponseBody>> {
+    metrics.load().shed(&Name(Arc::clone(&shed.class)));
     let reason = shed.reason.as_str();
     tracing::debug!(class = &*shed.class, reason, upstream, "request shed");
     let mut r = shed.response().map(ResponseBody::from);
@@ -228,7 +232,7 @@ mod tests {
     #[test]
     fn burst_defaults_to_the_rate_count_and_reload_keeps_buckets() {
         let limit = "[[rate_limits]]\nname = \"l\"\nkey = \"client_ip\"\nrate = \"3/h\"\n";
-        let m = ResilienceMetrics::default();
+        let m = ArcSwap::from_pointee(ResilienceMetrics::default());
         let a = admission(limit);
         for _ in 0..3 {
             assert!(a.check_rate(0, &get(), &m).is_ok());

@@ -214,7 +214,8 @@ impl tower_service::Service<Request<RequestBody>> for Router {
     fn call(&mut self, req: Request<RequestBody>) -> RouterFuture {
         let table = self.table.load_full();
         let gateway = self.gateway.clone();
-        let resilience = self.resilience.load_full();
+        // The metrics are loaded only by a refusal: a request that passes costs one `Arc` clone.
+        let resilience = self.resilience.clone();
         Box::pin(async move { Ok(route(&table, &gateway, &resilience, req).await) })
     }
 }
@@ -243,7 +244,7 @@ async fn discard_body(body: &mut RequestBody) -> Result<(), crate::http::body::B
 async fn route(
     table: &RouteTable,
     gateway: &Gateway,
-    resilience: &ResilienceMetrics,
+    resilience: &ArcSwap<ResilienceMetrics>,
     req: Request<RequestBody>,
 ) -> Response<ResponseBody> {
     let host = request_host(&req);
@@ -273,7 +274,7 @@ async fn route(
 async fn dispatch(
     table: &RouteTable,
     gateway: &Gateway,
-    resilience: &ResilienceMetrics,
+    resilience: &ArcSwap<ResilienceMetrics>,
     found: Option<(&Route, String)>,
     mut req: Request<RequestBody>,
 ) -> Response<ResponseBody> {
