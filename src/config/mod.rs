@@ -3,6 +3,7 @@
 //! Every default has a `DEFAULT_*` constant with the reason for its value. Types
 //! reject unknown keys, so a misspelt key is an error rather than a silent no-op.
 
+mod admission;
 mod load;
 mod telemetry;
 mod units;
@@ -49,6 +50,10 @@ pub const DEFAULT_MAX_HEADER_BYTES: Size = Size::kib(16);
 pub const DEFAULT_MAX_BODY_BYTES: Size = Size::mib(10);
 /// nginx's default request-line buffer; longer targets are almost always abuse or a client bug.
 pub const DEFAULT_MAX_URI_BYTES: Size = Size::kib(8);
+/// No global limit on proxied requests in flight (0): the right figure is the upstreams' capacity,
+/// which gatehouse cannot know, and `max_connections` × `max_concurrent_streams` already bounds
+/// what clients can hold open. A made-up default would shed healthy traffic on a large host.
+pub const DEFAULT_MAX_PROXY_IN_FLIGHT: u32 = 0;
 
 /// RFC 9113 recommends at least 100; 128 matches common browsers' expectations.
 pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 128;
@@ -272,6 +277,9 @@ pub struct Limits {
     pub max_header_bytes: Size,
     pub max_body_bytes: Size,
     pub max_uri_bytes: Size,
+    /// Proxied requests in flight, all routes together, above which traffic classes are shed
+    /// (lowest `shed_order` first). 0 = no global limit.
+    pub max_proxy_in_flight: u32,
 }
 
 impl Default for Limits {
@@ -283,6 +291,7 @@ impl Default for Limits {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_uri_bytes: DEFAULT_MAX_URI_BYTES,
+            max_proxy_in_flight: DEFAULT_MAX_PROXY_IN_FLIGHT,
         }
     }
 }

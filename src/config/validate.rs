@@ -91,6 +91,7 @@ impl Config {
         self.validate_bounds(&mut f);
         self.validate_routes(&mut f);
         self.validate_upstreams(&mut f);
+        self.validate_admission(&mut f);
         self.validate_admin_and_log(&mut f);
         f
     }

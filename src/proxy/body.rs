@@ -92,6 +92,9 @@ pub struct UpstreamBody {
     /// Boxed: only a cacheable GET carries one, and every response body would otherwise be
     /// as large as its request and response heads.
     tee: Option<Box<Tee>>,
+    /// The request's traffic-class slot, given back when the body is dropped (hyper drops it
+    /// once the response has been sent, or the client went away).
+    slot: Option<crate::proxy::resilience::classes::InFlight>,
 }
 
 impl UpstreamBody {
@@ -100,6 +103,7 @@ impl UpstreamBody {
             inner,
             exchange: Some(exchange),
             tee: tee.map(Box::new),
+            slot: None,
         };
         if body.inner.is_end_stream() {
             body.exchange = None; // nothing to stream (HEAD, 204, 304): done already
@@ -125,6 +129,13 @@ impl UpstreamBody {
         if let Some(t) = self.tee.take() {
             t.finish();
         }
+    }
+}
+
+impl UpstreamBody {
+    /// Holds `slot` for as long as the response is being sent.
+    pub fn hold(&mut self, slot: crate::proxy::resilience::classes::InFlight) {
+        self.slot = Some(slot);
     }
 }
 

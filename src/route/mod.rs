@@ -1,9 +1,14 @@
 //! Routing: `[[routes]]` matched by host and path prefix, first match wins.
 
+mod admission;
+
+pub use admission::Admission;
+
 use crate::config::{Builtin, Config, Findings, RouteConfig};
 use crate::handlers::{self, StaticFiles};
 use crate::http::body::ResponseBody;
 use crate::http::{RequestBody, RequestContext};
+use crate::proxy::resilience::metrics::ResilienceMetrics;
 use crate::proxy::{Gateway, UpstreamSpec};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -71,6 +76,8 @@ pub struct Route {
     /// Path prefix without a trailing slash ("" for "/").
     pub prefix: String,
     pub handler: Handler,
+    /// Index of the route's `rate_limit` in the table's [`Admission`].
+    pub rate_limit: Option<usize>,
 }
 
 impl Route {
@@ -86,21 +93,29 @@ impl Route {
 pub struct RouteTable {
     pub routes: Vec<Route>,
     pub upstreams: Vec<Arc<UpstreamSpec>>,
+    /// Rate limits and traffic classes.
+    pub admission: Admission,
 }
 
 impl RouteTable {
     /// Compiles the routes and upstreams; problems (a static directory that cannot be opened, an
     /// unreadable CA file) go to `f`.
     pub fn build(config: &Config, f: &mut Findings) -> RouteTable {
+        let admission = Admission::build(config);
         let routes = config
             .routes
             .iter()
             .enumerate()
-            .filter_map(|(i, r)| compile(i, r, f))
+            .filter_map(|(i, r)| {
+                let mut route = compile(i, r, f)?;
+                route.rate_limit = r.rate_limit.as_deref().and_then(|n| admission.limit_index(n));
+                Some(route)
+            })
             .collect();
         RouteTable {
             routes,
             upstreams: crate::proxy::compile(config, f),
+            admission,
         }
     }
 }
@@ -144,6 +159,7 @@ fn compile(i: usize, r: &RouteConfig, f: &mut Findings) -> Option<Route> {
         host: HostPattern::parse(&r.host),
         prefix: r.path.trim_end_matches('/').to_string(),
         handler,
+        rate_limit: None,
     })
 }
 
@@ -152,6 +168,8 @@ fn compile(i: usize, r: &RouteConfig, f: &mut Findings) -> Option<Route> {
 pub struct Router {
     table: Arc<ArcSwap<RouteTable>>,
     gateway: Arc<Gateway>,
+    /// Shedding and rate limit series; the server's once it exposes them.
+    resilience: Arc<ArcSwap<ResilienceMetrics>>,
 }
 
 impl Router {
@@ -161,13 +179,20 @@ impl Router {
         Router {
             table: Arc::new(ArcSwap::from_pointee(table)),
             gateway,
+            resilience: Arc::default(),
         }
     }
     /// Replaces the routes and upstreams for new requests; requests in flight keep the table
-    /// they started with. Upstream servers that remain keep their pooled connections.
-    pub fn replace(&self, table: RouteTable) {
+    /// they started with. Upstream servers that remain keep their pooled connections; rate limits
+    /// and traffic classes keep their state (see [`Admission::continue_from`]).
+    pub fn replace(&self, mut table: RouteTable) {
+        table.admission.continue_from(&self.table.load().admission);
         self.gateway.apply(&table.upstreams);
         self.table.store(Arc::new(table));
+    }
+    /// Records shedding and rate limiting into `metrics` (the server's, which exposes them).
+    pub fn set_resilience_metrics(&self, metrics: ResilienceMetrics) {
+        self.resilience.store(Arc::new(metrics));
     }
     /// Records the proxy's metrics into `metrics` (the server's, which exposes them).
     pub fn set_upstream_metrics(&self, metrics: crate::proxy::UpstreamMetrics) {
@@ -202,7 +227,9 @@ impl tower_service::Service<Request<RequestBody>> for Router {
     fn call(&mut self, req: Request<RequestBody>) -> RouterFuture {
         let table = self.table.load_full();
         let gateway = self.gateway.clone();
-        Box::pin(async move { Ok(route(&table, &gateway, req).await) })
+        // The metrics are loaded only by a refusal: a request that passes costs one `Arc` clone.
+        let resilience = self.resilience.clone();
+        Box::pin(async move { Ok(route(&table, &gateway, &resilience, req).await) })
     }
 }
 
@@ -227,7 +254,12 @@ async fn discard_body(body: &mut RequestBody) -> Result<(), crate::http::body::B
     Ok(())
 }
 
-async fn route(table: &RouteTable, gateway: &Gateway, mut req: Request<RequestBody>) -> Response<ResponseBody> {
+async fn route(
+    table: &RouteTable,
+    gateway: &Gateway,
+    resilience: &ArcSwap<ResilienceMetrics>,
+    req: Request<RequestBody>,
+) -> Response<ResponseBody> {
     let host = request_host(&req);
     let path = req.uri().path();
     let found = table.routes.iter().find_map(|r| {
@@ -237,6 +269,28 @@ async fn route(table: &RouteTable, gateway: &Gateway, mut req: Request<RequestBo
             None
         }
     });
+    let Some(limit) = found.as_ref().and_then(|(r, _)| r.rate_limit) else {
+        return dispatch(table, gateway, resilience, found, req).await;
+    };
+    // Before the handler (and before the body is read): a refused request costs nothing more.
+    let admitted = match table.admission.check_rate(limit, &req, resilience) {
+        Ok(admitted) => admitted,
+        Err(limited) => return *limited,
+    };
+    let mut resp = dispatch(table, gateway, resilience, found, req).await;
+    if let Some(a) = admitted {
+        a.add_headers(resp.headers_mut());
+    }
+    resp
+}
+
+async fn dispatch(
+    table: &RouteTable,
+    gateway: &Gateway,
+    resilience: &ArcSwap<ResilienceMetrics>,
+    found: Option<(&Route, String)>,
+    mut req: Request<RequestBody>,
+) -> Response<ResponseBody> {
     // A proxied body streams to the upstream; every other handler answers without it.
     if let Some((
         Route {
@@ -246,11 +300,21 @@ async fn route(table: &RouteTable, gateway: &Gateway, mut req: Request<RequestBo
         _,
     )) = &found
     {
-        return match gateway.get(upstream) {
-            Some(u) => crate::proxy::forward(u, req).await,
+        let Some(u) = gateway.get(upstream) else {
             // Only a request racing a reload that removed the upstream can get here.
-            None => handlers::text(StatusCode::SERVICE_UNAVAILABLE, "upstream not configured\n"),
+            return handlers::text(StatusCode::SERVICE_UNAVAILABLE, "upstream not configured\n");
         };
+        let slot = match table.admission.admit(&u, req.headers(), resilience) {
+            Ok(slot) => slot,
+            Err(shed) => return *shed,
+        };
+        let mut resp = crate::proxy::forward(u, req).await;
+        // The class slot is held until the response body ends (a streamed response keeps the
+        // upstream busy); any other answer is complete here, and the slot drops with this scope.
+        if let (Some(slot), ResponseBody::Upstream(body)) = (slot, resp.body_mut()) {
+            body.hold(slot);
+        }
+        return resp;
     }
     if discard_body(req.body_mut()).await.is_err() {
         return handlers::text(StatusCode::BAD_REQUEST, "request body could not be read\n");
@@ -320,6 +384,7 @@ mod tests {
             host: HostPattern::Any,
             prefix: "/api".into(),
             handler: Handler::ConnectionInfo,
+            rate_limit: None,
         };
         assert_eq!(r.strip("/api"), Some(""));
         assert_eq!(r.strip("/api/x"), Some("/x"));

@@ -17,6 +17,7 @@ mod metrics;
 mod protocols;
 mod proxy;
 mod proxy_resilience;
+mod proxy_shedding;
 mod redaction;
 mod reload;
 mod resilience;

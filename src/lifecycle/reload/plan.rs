@@ -26,6 +26,8 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         ("shutdown", old.shutdown != new.shutdown),
         ("routes", old.routes != new.routes),
         ("upstreams", old.upstreams != new.upstreams),
+        ("traffic_classes", old.traffic_classes != new.traffic_classes),
+        ("rate_limits", old.rate_limits != new.rate_limits),
         ("debug", old.debug != new.debug),
         ("log", log_sink_differs(old, new)),
         ("server.state_dir", old.server.state_dir != new.server.state_dir),

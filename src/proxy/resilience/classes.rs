@@ -20,6 +20,9 @@
 //! - Counting uses atomics: admission is `fetch_add` then compare, undone on refusal, so the
 //!   limits hold exactly under concurrency and the hot path takes no lock. An admitted request
 //!   holds an [`InFlight`] guard that gives its slots back when dropped.
+//! - **Reload**: [`TrafficClasses::continuing`] builds the new classes on the old counters (the
+//!   global one, and each class's by name), so requests admitted before a reload still count
+//!   against the limits after it and give their slots back to the counters that are in force.
 
 use super::whole_seconds_up;
 use bytes::Bytes;
@@ -81,7 +84,7 @@ impl ShedReason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClassId(usize);
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Class {
     name: Arc<str>,
     matcher: Option<(HeaderName, HeaderValue)>,
@@ -90,14 +93,15 @@ struct Class {
     /// Admission threshold on the global in-flight count (usize::MAX without a global limit).
     global_threshold: usize,
     top_rank: bool,
-    in_flight: AtomicUsize,
+    /// Shared with the same class of the configuration before a reload (see `continuing`).
+    in_flight: Arc<AtomicUsize>,
 }
 
 #[derive(Debug)]
 struct Shared {
     /// Configured classes in order, then the standard class last.
     classes: Vec<Class>,
-    in_flight: AtomicUsize,
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// The classes and their in-flight counts. Cheap to clone (an `Arc`).
@@ -172,7 +176,7 @@ impl TrafficClasses {
                 shed_order: s.shed_order,
                 global_threshold: usize::MAX,
                 top_rank: false,
-                in_flight: AtomicUsize::new(0),
+                in_flight: Arc::default(),
             });
         }
         classes.push(Class {
@@ -182,7 +186,7 @@ impl TrafficClasses {
             shed_order: standard.1,
             global_threshold: usize::MAX,
             top_rank: false,
-            in_flight: AtomicUsize::new(0),
+            in_flight: Arc::default(),
         });
 
         let mut orders: Vec<u32> = classes.iter().map(|c| c.shed_order).collect();
@@ -201,9 +205,29 @@ impl TrafficClasses {
         TrafficClasses {
             shared: Arc::new(Shared {
                 classes,
-                in_flight: AtomicUsize::new(0),
+                in_flight: Arc::default(),
             }),
             retry_after: DEFAULT_SHED_RETRY_AFTER,
+        }
+    }
+
+    /// These classes counting on `previous`'s counters: the global in-flight count, and each
+    /// class's count when `previous` has a class of the same name. Used on reload, so that
+    /// requests admitted under the old configuration keep counting until they end instead of
+    /// the new limits starting from zero while the old requests still run.
+    pub fn continuing(self, previous: &TrafficClasses) -> Self {
+        let mut classes = self.shared.classes.clone();
+        for c in &mut classes {
+            if let Some(old) = previous.shared.classes.iter().find(|o| o.name == c.name) {
+                c.in_flight = Arc::clone(&old.in_flight);
+            }
+        }
+        TrafficClasses {
+            shared: Arc::new(Shared {
+                classes,
+                in_flight: Arc::clone(&previous.shared.in_flight),
+            }),
+            retry_after: self.retry_after,
         }
     }
 
@@ -398,6 +422,31 @@ mod tests {
         // standard (5) now outranks premium (2): premium is shed on saturation.
         let p = tc.classify(&headers(Some("premium")));
         assert!(tc.admit(p, true).is_err());
+    }
+
+    #[test]
+    fn a_reload_keeps_counting_requests_admitted_before_it() {
+        let old = TrafficClasses::new(&[spec("premium", "premium", 1, 2)], 3);
+        let prem = old.classify(&headers(Some("premium")));
+        let held_prem = old.admit(prem, false).unwrap();
+        let held_std = old.admit(old.classify(&headers(None)), false).unwrap();
+        // Same premium class, a new bulk class, a lower global limit.
+        let new =
+            TrafficClasses::new(&[spec("premium", "premium", 1, 2), spec("bulk", "bulk", 0, 0)], 2).continuing(&old);
+        assert_eq!(new.in_flight(), 2, "the old requests still count");
+        let p = new.classify(&headers(Some("premium")));
+        assert_eq!(new.admit(p, false).unwrap_err().reason, ShedReason::ClassLimit);
+        drop(held_prem);
+        // Standard's threshold under G = 2 with three ranks is 1, taken by the old request.
+        let s = new.classify(&headers(None));
+        assert_eq!(new.admit(s, false).unwrap_err().reason, ShedReason::GlobalLimit);
+        drop(held_std);
+        assert_eq!(
+            new.in_flight(),
+            0,
+            "old guards give their slots back to the new counters"
+        );
+        assert!(new.admit(s, false).is_ok());
     }
 
     #[test]

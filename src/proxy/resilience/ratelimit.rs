@@ -269,6 +269,11 @@ impl<C: Clock> KeyedRateLimit<C> {
         &self.spec.name
     }
 
+    /// The definition this limit runs (a reload keeps the limit when it is unchanged).
+    pub fn spec(&self) -> &RateLimitSpec {
+        &self.spec
+    }
+
     /// Keys held now (the overflow bucket included).
     pub fn keys(&self) -> usize {
         ShrinkableKeyedStateStore::len(&*self.table)
