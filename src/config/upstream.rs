@@ -558,7 +558,10 @@ burst = 200
             "rate_limits",
             "routes[0].rate_limit",
         ] {
-            let errors: Vec<_> = findings.iter().filter(|f| f.key.starts_with(k) && f.severity == crate::config::Severity::Error).collect();
+            let errors: Vec<_> = findings
+                .iter()
+                .filter(|f| f.key.starts_with(k) && f.severity == crate::config::Severity::Error)
+                .collect();
             assert!(errors.is_empty(), "{k} refused: {errors:?}");
         }
     }

@@ -302,7 +302,10 @@ where
         .max_header_list_size(s.limits.max_header_bytes.as_u32())
         .max_pending_accept_reset_streams(h.max_pending_reset_streams as usize)
         .max_local_error_reset_streams(h.max_local_reset_streams as usize)
-        .max_send_buf_size(h.max_send_buffer.as_usize());
+        .max_send_buf_size(h.max_send_buffer.as_usize())
+        // RFC 8441: WebSocket over HTTP/2, which proxy routes carry to HTTP/1.1 upstreams (a
+        // static route answers 405, a fixed `respond` its answer, as to any other method).
+        .enable_connect_protocol();
     let (io, flooded) = H2Watch::new(io, conn.clone());
     let pipeline = Pipeline::new(svc, conn.clone());
     let hconn = b.serve_connection(TokioIo::new(io), pipeline);

@@ -228,7 +228,7 @@ fn parse_proxy(value: &str, source: &str) -> Result<ProxyChoice, String> {
     let port = authority.port_u16().unwrap_or(1080);
     let authorization = userinfo.map(|u| {
         let decoded = percent_encoding::percent_decode_str(u).decode_utf8_lossy().into_owned();
-        format!("Basic {}", base64_encode(decoded.as_bytes()))
+        format!("Basic {}", crate::http::base64::encode(decoded.as_bytes()))
     });
     let shown = match userinfo {
         Some(_) => format!("http://***@{hostport}"),
@@ -241,24 +241,6 @@ fn parse_proxy(value: &str, source: &str) -> Result<ProxyChoice, String> {
         port,
         authorization,
     })
-}
-
-/// Standard base64 with padding (RFC 4648 §4), for `Proxy-Authorization: Basic`.
-fn base64_encode(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! HTTP request handling shared by every listener: the pipeline, body types and request context.
 
+pub mod base64;
 pub mod body;
 mod head;
 mod pipeline;

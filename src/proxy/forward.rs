@@ -14,6 +14,7 @@ use super::pool::{SendError, ServerPool};
 use super::resilience::retry::is_idempotent;
 use super::upgrade;
 use super::upstream::{Chosen, HostRewrite, Upstream};
+use super::websocket::{self, Extended};
 use crate::http::body::ResponseBody;
 use crate::http::{AccessLogError, BodyState, RequestBody, RequestContext};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -25,13 +26,24 @@ use std::time::Instant;
 
 /// Proxies `req` to `upstream`.
 pub async fn forward(upstream: Arc<Upstream>, mut req: Request<RequestBody>) -> Response<ResponseBody> {
-    if req.method() == Method::CONNECT {
-        return refusal(
-            StatusCode::NOT_IMPLEMENTED,
-            "CONNECT is not proxied\n",
-            "proxy:connect_not_proxied",
-        );
-    }
+    let websocket = match websocket::extended(&req) {
+        Some(Extended::WebSocket) => true,
+        Some(Extended::Other(protocol)) => {
+            return refusal(
+                StatusCode::NOT_IMPLEMENTED,
+                "this extended CONNECT protocol is not proxied\n",
+                &format!("proxy:connect_protocol_not_proxied protocol={protocol}"),
+            );
+        }
+        None if req.method() == Method::CONNECT => {
+            return refusal(
+                StatusCode::NOT_IMPLEMENTED,
+                "CONNECT is not proxied\n",
+                "proxy:connect_not_proxied",
+            );
+        }
+        None => false,
+    };
     if upstream.spec.host == HostRewrite::Preserve && headers::client_host(req.uri(), req.headers()).is_none() {
         return refusal(StatusCode::BAD_REQUEST, "the request has no Host\n", "proxy:no_host");
     }
@@ -44,7 +56,11 @@ pub async fn forward(upstream: Arc<Upstream>, mut req: Request<RequestBody>) -> 
     };
     let ctx = req.extensions().get::<RequestContext>().cloned();
     let body_state = req.body().state();
-    let upgrade = upgrade::requested(&req);
+    let upgrade = if websocket {
+        Some(HeaderValue::from_static("websocket"))
+    } else {
+        upgrade::requested(&req)
+    };
     let mut client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let method = req.method().clone();
     // An upgrade is never retried: the client's connection is promised to the first upstream
@@ -58,7 +74,18 @@ pub async fn forward(upstream: Arc<Upstream>, mut req: Request<RequestBody>) -> 
     let replayable =
         attempts.is_some() && is_idempotent(&method) && upstream.spec.retry.as_ref().is_some_and(|r| r.attempts > 1);
     let mut stale = stale_request(&upstream, &req);
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let ws_key = match websocket.then(|| websocket::to_handshake(&mut parts)) {
+        None => None,
+        Some(Ok(key)) => Some(key),
+        Some(Err(why)) => {
+            return refusal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error\n",
+                &format!("proxy:websocket_handshake {why}"),
+            );
+        }
+    };
     let bodyless = body.is_end_stream();
     let mut body = Some(body);
     let mut head = Some(parts);
@@ -83,6 +110,7 @@ pub async fn forward(upstream: Arc<Upstream>, mut req: Request<RequestBody>) -> 
             ctx: ctx.as_ref(),
             body_state: &body_state,
             upgrade: upgrade.clone(),
+            ws_key: ws_key.as_ref(),
         };
         let (answer, transport) = match attempt
             .run(chosen, parts, &mut body, client_upgrade.take(), &mut stale)
@@ -182,6 +210,8 @@ struct Attempt<'a> {
     ctx: Option<&'a RequestContext>,
     body_state: &'a BodyState,
     upgrade: Option<HeaderValue>,
+    /// The key of the WebSocket handshake made from an HTTP/2 extended CONNECT.
+    ws_key: Option<&'a HeaderValue>,
 }
 
 impl Attempt<'_> {
@@ -316,10 +346,20 @@ impl Attempt<'_> {
                 ));
             };
             let upstream_io = hyper::upgrade::on(&mut resp);
+            let (mut parts, _) = resp.into_parts();
+            match self.ws_key {
+                // RFC 8441: the HTTP/2 stream opens with a 200 once the upstream accepted.
+                Some(key) => {
+                    if let Err(why) = websocket::to_stream_response(&mut parts, key) {
+                        lease.fate = "error";
+                        return Attempted::Done(failure(&pool, StatusCode::BAD_GATEWAY, "bad_response", why));
+                    }
+                    headers::to_client(&mut parts, false);
+                }
+                None => headers::to_client(&mut parts, true),
+            }
             lease.consume();
             upgrade::tunnel(client, upstream_io, pool.upstream.clone(), pool.server.clone());
-            let (mut parts, _) = resp.into_parts();
-            headers::to_client(&mut parts, true);
             return Attempted::Done(Response::from_parts(parts, ResponseBody::empty()));
         }
 

@@ -12,7 +12,8 @@
 //! over the servers their [`guard`]s (health, breaker) allow; [`checker`] runs the active health
 //! checks; [`headers`] rewrites heads both ways; [`forward`] runs a request's attempts and
 //! retries; [`answer`] makes its errors and fallbacks; [`body`] streams the response back (and
-//! tees it into the stale cache); [`upgrade`] tunnels `101 Switching Protocols`. The
+//! tees it into the stale cache); [`upgrade`] tunnels `101 Switching Protocols`, and [`websocket`] carries HTTP/2 WebSocket
+//! (RFC 8441) to HTTP/1.1 upstreams. The
 //! [`resilience`] blocks are the state machines behind guards, retries and fallbacks.
 
 pub mod answer;
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod pool;
 pub mod upgrade;
 pub mod upstream;
+pub mod websocket;
 
 pub use body::UpstreamBody;
 pub use forward::forward;

@@ -190,17 +190,15 @@ impl Router {
         self.gateway.apply(&table.upstreams);
         self.table.store(Arc::new(table));
     }
-    /// Records shedding and rate limiting into `metrics` (the server's, which exposes them).
-    pub fn set_resilience_metrics(&self, metrics: ResilienceMetrics) {
-        self.resilience.store(Arc::new(metrics));
-    }
     /// Records the proxy's metrics into `metrics` (the server's, which exposes them).
     pub fn set_upstream_metrics(&self, metrics: crate::proxy::UpstreamMetrics) {
         self.gateway.set_metrics(metrics);
     }
-    /// Records the proxy's breaker states, retries and fallbacks into `metrics`.
-    pub fn set_resilience_metrics(&self, metrics: crate::proxy::resilience::metrics::ResilienceMetrics) {
-        self.gateway.set_resilience_metrics(metrics);
+    /// Records shedding, rate limiting, breaker states, retries and fallbacks into `metrics`
+    /// (the server's, which exposes them).
+    pub fn set_resilience_metrics(&self, metrics: ResilienceMetrics) {
+        self.gateway.set_resilience_metrics(metrics.clone());
+        self.resilience.store(Arc::new(metrics));
     }
     /// Starts the upstreams' active health checks on the current runtime (the server does this
     /// when it starts serving; reloads then replace them).

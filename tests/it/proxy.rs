@@ -640,44 +640,11 @@ async fn trailers_are_passed_on() {
 
 #[tokio::test]
 async fn websocket_echo_through_the_proxy() {
-    // RFC 6455 §1.3's example key and its accept value.
+    // RFC 6455 §1.3's example key and its accept value: the accept the client gets proves the
+    // upstream received the key unchanged.
     const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
     const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
-    let be = Backend::start(
-        Kind::H1,
-        handler(|mut req| async move {
-            assert_eq!(req.headers()["upgrade"], "websocket");
-            assert_eq!(req.headers()["sec-websocket-key"], KEY);
-            let on_upgrade = hyper::upgrade::on(&mut req);
-            tokio::spawn(async move {
-                let mut io = TokioIo::new(on_upgrade.await.unwrap());
-                // One masked client frame with a short payload, echoed unmasked.
-                let mut head = [0u8; 2];
-                io.read_exact(&mut head).await.unwrap();
-                let len = (head[1] & 0x7f) as usize;
-                let mut mask = [0u8; 4];
-                io.read_exact(&mut mask).await.unwrap();
-                let mut payload = vec![0u8; len];
-                io.read_exact(&mut payload).await.unwrap();
-                for (i, b) in payload.iter_mut().enumerate() {
-                    *b ^= mask[i % 4];
-                }
-                let mut frame = vec![0x81, len as u8];
-                frame.extend_from_slice(&payload);
-                io.write_all(&frame).await.unwrap();
-            });
-            let mut r = Response::new(BoxBody::default());
-            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            r.headers_mut()
-                .insert("connection", http::HeaderValue::from_static("upgrade"));
-            r.headers_mut()
-                .insert("upgrade", http::HeaderValue::from_static("websocket"));
-            r.headers_mut()
-                .insert("sec-websocket-accept", http::HeaderValue::from_static(ACCEPT));
-            r
-        }),
-    )
-    .await;
+    let be = Backend::start(Kind::H1, websocket_echo()).await;
     let srv = proxy(&[be.addr], "").await;
     let mut s = tokio::net::TcpStream::connect(srv.addr("c")).await.unwrap();
     s.write_all(
@@ -704,17 +671,163 @@ async fn websocket_echo_through_the_proxy() {
         head.contains(&format!("sec-websocket-accept: {}", ACCEPT.to_ascii_lowercase())),
         "{head}"
     );
+    assert_eq!(&echo_hello(&mut s).await, b"\x81\x05hello");
+    srv.stop().await;
+}
+
+/// A WebSocket upstream (HTTP/1.1): answers the RFC 6455 handshake for whatever key it gets,
+/// echoes the first subprotocol offered, then echoes one short client frame. A request without
+/// `Upgrade` gets a plain 200.
+fn websocket_echo() -> Handler {
+    handler(|mut req| async move {
+        if !req.headers().contains_key("upgrade") {
+            return text("plain");
+        }
+        assert_eq!(req.headers()["upgrade"], "websocket");
+        assert_eq!(req.headers()["connection"], "upgrade");
+        assert_eq!(req.method(), http::Method::GET);
+        assert_eq!(req.headers()["sec-websocket-version"], "13");
+        let key = req.headers()["sec-websocket-key"].as_bytes().to_vec();
+        let subprotocol = req.headers().get("sec-websocket-protocol").cloned();
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let mut io = TokioIo::new(on_upgrade.await.unwrap());
+            // One masked client frame with a short payload, echoed unmasked.
+            let mut head = [0u8; 2];
+            io.read_exact(&mut head).await.unwrap();
+            let len = (head[1] & 0x7f) as usize;
+            let mut mask = [0u8; 4];
+            io.read_exact(&mut mask).await.unwrap();
+            let mut payload = vec![0u8; len];
+            io.read_exact(&mut payload).await.unwrap();
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= mask[i % 4];
+            }
+            let mut frame = vec![0x81, len as u8];
+            frame.extend_from_slice(&payload);
+            io.write_all(&frame).await.unwrap();
+        });
+        let mut r = Response::new(BoxBody::default());
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert("connection", http::HeaderValue::from_static("upgrade"));
+        h.insert("upgrade", http::HeaderValue::from_static("websocket"));
+        let accept = gatehouse::proxy::websocket::accept_for(&key);
+        h.insert("sec-websocket-accept", accept.parse().unwrap());
+        if let Some(p) = subprotocol {
+            h.insert("sec-websocket-protocol", p);
+        }
+        r
+    })
+}
+
+/// Sends "hello" as one masked text frame on `io` and returns the echoed frame.
+async fn echo_hello<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(io: &mut IO) -> [u8; 7] {
     let mask = [1u8, 2, 3, 4];
     let mut frame = vec![0x81, 0x80 | 5];
     frame.extend_from_slice(&mask);
     frame.extend(b"hello".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    s.write_all(&frame).await.unwrap();
+    io.write_all(&frame).await.unwrap();
     let mut echo = [0u8; 7];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut echo))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(&echo, b"\x81\x05hello");
+    echo
+}
+
+#[tokio::test]
+async fn websocket_over_http2_extended_connect_reaches_an_http1_upstream() {
+    let be = Backend::start(Kind::H1, websocket_echo()).await;
+    let srv = proxy(&[be.addr], "").await;
+    let tcp = tokio::net::TcpStream::connect(srv.addr("c")).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // A first exchange makes sure the server's SETTINGS (with ENABLE_CONNECT_PROTOCOL) arrived:
+    // the client may only send an extended CONNECT after it (RFC 8441 §3).
+    let plain = s
+        .send_request(
+            Request::get("http://a/")
+                .body(BoxBody::<Bytes, BoxError>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), StatusCode::OK);
+
+    let connect = |protocol: &'static str| {
+        Request::connect("http://a/chat")
+            .extension(hyper::ext::Protocol::from_static(protocol))
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-protocol", "chat")
+            .body(BoxBody::<Bytes, BoxError>::default())
+            .unwrap()
+    };
+    let mut resp = s.send_request(connect("websocket")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "RFC 8441 §5: a 2xx opens the tunnel");
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "chat");
+    for hop in ["sec-websocket-accept", "upgrade", "connection"] {
+        assert!(
+            !resp.headers().contains_key(hop),
+            "{hop} must not reach the HTTP/2 client"
+        );
+    }
+    let mut io = TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
+    assert_eq!(&echo_hello(&mut io).await, b"\x81\x05hello");
+
+    // Another extended CONNECT protocol is named and refused, on the same connection.
+    let other = s.send_request(connect("connect-udp")).await.unwrap();
+    assert_eq!(other.status(), StatusCode::NOT_IMPLEMENTED);
+    access_log(&srv, "connect_protocol_not_proxied protocol=connect-udp").await;
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_upstream_with_a_wrong_accept_is_a_502() {
+    let be = Backend::start(
+        Kind::H1,
+        handler(|_req| async move {
+            let mut r = Response::new(BoxBody::default());
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut()
+                .insert("connection", http::HeaderValue::from_static("upgrade"));
+            r.headers_mut()
+                .insert("upgrade", http::HeaderValue::from_static("websocket"));
+            r.headers_mut().insert(
+                "sec-websocket-accept",
+                http::HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            );
+            r
+        }),
+    )
+    .await;
+    let srv = proxy(&[be.addr], "").await;
+    let tcp = tokio::net::TcpStream::connect(srv.addr("c")).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let _ = s
+        .send_request(
+            Request::get("http://a/")
+                .body(BoxBody::<Bytes, BoxError>::default())
+                .unwrap(),
+        )
+        .await;
+    let resp = s
+        .send_request(
+            Request::connect("http://a/chat")
+                .extension(hyper::ext::Protocol::from_static("websocket"))
+                .header("sec-websocket-version", "13")
+                .body(BoxBody::<Bytes, BoxError>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    access_log(&srv, "Sec-WebSocket-Accept does not answer").await;
     srv.stop().await;
 }
 
