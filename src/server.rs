@@ -17,17 +17,18 @@
 //! ```
 
 use crate::config::{Config, ConfigSource, Findings, Severity};
-use crate::conn::{ConnSettings, ListenerShared, ProtocolPolicy, Registry};
+use crate::conn::{ConnSettings, Registry};
 use crate::http::{HttpService, ServiceBody};
+use crate::lifecycle::reload::cert_watch::CertFiles;
+use crate::lifecycle::reload::ReloadTrigger;
 use crate::lifecycle::{Live, Phase, ReloadError, ReloadHook, ReloadReport, ShutdownTrigger, Signals};
-use crate::listen::{self, BindError, ConnLimits};
-use crate::observe::{AccessLog, Metrics, Name, Switches};
+use crate::listen::{self, BindError, BoundListener, ConnLimits, ListenerCommon, ListenerSet, Origin};
+use crate::observe::{AccessLog, Metrics, Switches};
 use crate::route::Router;
 use crate::tls::TlsServer;
-use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Why the server could not start. Each maps to a documented exit code.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,9 @@ pub struct Prepared {
     pub tls: Vec<Option<TlsServer>>,
     /// Warnings (errors make `prepare` fail).
     pub findings: Findings,
+    /// The certificate files as they were just before loading, when `server.watch_certificates`
+    /// is on: the watcher's baseline.
+    pub(crate) cert_files: Option<CertFiles>,
 }
 
 /// Validates `config` and loads every certificate and key, without binding anything.
@@ -69,6 +73,9 @@ pub fn prepare(mut config: Config) -> Result<Prepared, StartError> {
         config.server.state_dir = dir.into();
     }
     let mut findings = config.validate();
+    // Taken before the files are read: a change that lands in between is then seen as a change
+    // (and reloaded once more), never mistaken for what was loaded.
+    let cert_files = config.server.watch_certificates.map(|_| CertFiles::of(&config));
     let mut tls = Vec::with_capacity(config.listeners.len());
     for (i, l) in config.listeners.iter().enumerate() {
         // Building TLS for a listener whose [tls] section is already invalid would only repeat errors.
@@ -84,7 +91,12 @@ pub fn prepare(mut config: Config) -> Result<Prepared, StartError> {
     if findings.has_errors() {
         return Err(StartError::Invalid(findings));
     }
-    Ok(Prepared { config, tls, findings })
+    Ok(Prepared {
+        config,
+        tls,
+        findings,
+        cert_files,
+    })
 }
 
 /// Shared view of a running server: shutdown, readiness, metrics and the connection table.
@@ -153,7 +165,7 @@ impl ServerHandle {
     /// hangs up) must not cut a reload short after its hooks were told it started.
     async fn run_reload(&self, next: Option<Config>) -> Result<ReloadReport, ReloadError> {
         let live = self.live.clone();
-        tokio::spawn(async move { live.reload(next).await })
+        tokio::spawn(async move { live.reload(next, ReloadTrigger::Request).await })
             .await
             .unwrap_or_else(|e| Err(ReloadError::Unavailable(format!("the reload task failed: {e}"))))
     }
@@ -162,12 +174,24 @@ impl ServerHandle {
     pub fn on_reload(&self, hook: ReloadHook) {
         self.live.add_hook(hook);
     }
+
+    /// The address listener `name` is bound to now (reloads included), if it is in force.
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.live.listeners().local_addr(name)
+    }
+
+    /// Every listening socket in force, as (listener name, a new descriptor for it), for a process
+    /// that takes them over. See [`ListenerSet::sockets`].
+    pub fn listening_sockets(&self) -> std::io::Result<Vec<(String, std::net::TcpListener)>> {
+        self.live.listeners().sockets()
+    }
 }
 
 /// A server with its listeners bound, ready to serve.
 pub struct Server {
     prepared: Prepared,
-    listeners: Vec<(Arc<ListenerShared>, std::net::TcpListener)>,
+    /// Shared with the reload state, which adds and removes listeners.
+    listeners: Arc<ListenerSet>,
     limits: Arc<ConnLimits>,
     handle: ServerHandle,
     signals: bool,
@@ -207,35 +231,41 @@ impl Server {
         if inherit_findings.has_errors() {
             return Err(StartError::Invalid(inherit_findings));
         }
+        let common = ListenerCommon {
+            metrics: metrics.clone(),
+            registry: registry.clone(),
+            shutdown,
+            debug: switches.clone(),
+        };
         let mut listeners = Vec::new();
         for (i, l) in c.listeners.iter().enumerate() {
-            let socket = match inherited.get_mut(i).and_then(Option::take) {
-                Some(socket) => socket,
-                None => listen::bind(&l.name, l.address)?,
+            let (socket, origin) = match inherited.get_mut(i).and_then(Option::take) {
+                Some(socket) => (socket, Origin::Inherited),
+                None => (listen::bind(&l.name, l.address)?, Origin::Bound),
             };
             let tls = tls_servers.get_mut(i).and_then(Option::take);
-            let shared = Arc::new(ListenerShared {
-                name: Name(Arc::from(l.name.as_str())),
-                policy: ArcSwap::from_pointee(ProtocolPolicy::from_config(l)),
-                tls: tls.map(ArcSwap::from_pointee),
-                settings: ArcSwap::new(settings.clone()),
-                metrics: metrics.clone(),
-                access_log: ArcSwap::new(access_log.clone()),
-                registry: registry.clone(),
-                shutdown: shutdown.clone(),
-                debug: switches.clone(),
-            });
-            listeners.push((shared, socket));
+            listeners.push(BoundListener::new(
+                l,
+                socket,
+                origin,
+                tls,
+                settings.clone(),
+                access_log.clone(),
+                &common,
+            ));
         }
+        let listeners = Arc::new(ListenerSet::new(listeners));
         let limits = ConnLimits::new(c.limits.max_connections, c.limits.max_connections_per_ip);
         let live = Arc::new(Live::new(
             c.clone(),
-            listeners.iter().map(|(shared, _)| shared.clone()).collect(),
+            listeners.clone(),
+            common,
+            access_log,
             limits.clone(),
             switches.clone(),
             metrics.clone(),
-            shutdown,
         ));
+        live.set_loaded_cert_files(prepared.cert_files.take());
         let handle = ServerHandle {
             trigger,
             ready: Arc::new(AtomicBool::new(false)),
@@ -255,10 +285,7 @@ impl Server {
 
     /// The address listener `name` is bound to (useful with port 0).
     pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|(s, _)| &*s.name.0 == name)
-            .and_then(|(_, l)| l.local_addr().ok())
+        self.listeners.local_addr(name)
     }
 
     pub fn handle(&self) -> ServerHandle {
@@ -300,7 +327,7 @@ impl Server {
         use std::fmt::Write;
         let mut out =
             String::from("listener        address                   tls   protocols            certificate\n");
-        for (shared, sock) in &self.listeners {
+        for (shared, addr) in self.listeners.snapshot() {
             let cfg = self
                 .prepared
                 .config
@@ -314,7 +341,7 @@ impl Server {
             if cfg.is_some_and(|c| c.h2c_upgrade) {
                 protos.push_str("+upgrade");
             }
-            let addr = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let addr = addr.map(|a| a.to_string()).unwrap_or_default();
             let (tls, cert) = match &shared.tls {
                 Some(t) => {
                     let t = t.load();
@@ -413,27 +440,36 @@ impl Server {
         S: HttpService<B>,
         B: ServiceBody,
     {
-        for (shared, socket) in &self.listeners {
+        // Kept for listeners a reload adds: the service is cloned for each of their accept loops.
+        let limits = self.limits.clone();
+        let svc = Mutex::new(svc);
+        let start: listen::StartAccepting = Arc::new(move |l: &BoundListener| {
+            let shared = &l.shared;
             // One per listener, so that an exhaustion episode is reported once, not once per worker.
             let errors = listen::AcceptErrors::new(shared.name.clone(), shared.metrics.clone(), shared.debug.clone());
+            let svc = svc.lock().unwrap_or_else(|p| p.into_inner()).clone();
             for w in &workers {
-                let sock = socket
+                let sock = l
+                    .socket
                     .try_clone()
-                    .map_err(|e| StartError::Other(format!("cannot share listener {}: {e}", shared.name.0)))?;
+                    .map_err(|e| format!("cannot share listener {}: {e}", shared.name.0))?;
                 let shared = shared.clone();
-                let limits = self.limits.clone();
+                let limits = limits.clone();
                 let svc = svc.clone();
                 let errors = errors.clone();
+                let running = l.accept_loop_guard();
                 w.spawn(async move {
                     match tokio::net::TcpListener::from_std(sock) {
                         Ok(l) => listen::accept_loop(listen::Acceptor::new(l, errors), shared, limits, svc).await,
                         Err(e) => tracing::error!(listener = %shared.name.0, error = %e, "cannot register listener"),
                     }
+                    drop(running);
                 });
             }
-        }
-        let listener_count = self.listeners.len();
-        drop(self.listeners);
+            Ok(())
+        });
+        self.listeners.start_accepting(start).map_err(StartError::Other)?;
+        let listeners = self.listeners.clone();
         let handle = self.handle.clone();
         let mut signals = if self.signals {
             match Signals::install() {
@@ -456,27 +492,34 @@ impl Server {
         };
         handle.set_ready(true);
         let shutdown = handle.trigger().subscribe();
+        // Idle unless `server.watch_certificates` is set; a reload can turn it on or off.
+        tokio::spawn(crate::lifecycle::reload::cert_watch::run(
+            self.handle.live.clone(),
+            shutdown.clone(),
+        ));
         // Every listener is bound and has an accept loop: tell systemd (Type=notify) we are up.
         let notify = crate::lifecycle::systemd::notifier();
         if notify.is_enabled() {
             let registry = handle.registry.clone();
+            let listeners_now = listeners.clone();
             handle.on_reload(Arc::new(move |stage| match stage {
                 crate::lifecycle::ReloadStage::Started => notify.reloading(),
                 crate::lifecycle::ReloadStage::Finished(_) => {
-                    notify.reloaded(&serving_status(listener_count, &registry))
+                    notify.reloaded(&serving_status(listeners_now.len(), &registry))
                 }
             }));
         }
-        notify.ready(&serving_status(listener_count, &handle.registry));
+        notify.ready(&serving_status(listeners.len(), &handle.registry));
         if notify.is_enabled() {
             let registry = handle.registry.clone();
             let shutdown = shutdown.clone();
+            let listeners = listeners.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(crate::lifecycle::systemd::STATUS_INTERVAL);
                 tick.tick().await;
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => notify.status(&serving_status(listener_count, &registry)),
+                        _ = tick.tick() => notify.status(&serving_status(listeners.len(), &registry)),
                         _ = shutdown.draining() => break,
                     }
                 }
@@ -523,6 +566,9 @@ impl Server {
                 second_signal.await;
             }
         };
+        // The set's own descriptors close here; the accept loops drop theirs as the drain begins,
+        // and then the kernel refuses new connections.
+        listeners.close_all();
         // Connections cut at the deadline are counted by their own tasks as `drain_forced`.
         let report = crate::lifecycle::drain(handle.trigger(), &handle.registry, drain_timeout, second_signal).await;
         notify.status(&format!(

@@ -6,7 +6,7 @@ mod shutdown;
 mod signals;
 pub mod systemd;
 
-pub use drain::{drain, DrainReport};
+pub use drain::{drain, DrainReport, TaskCount, TaskGuard};
 pub use reload::{Live, ReloadError, ReloadHook, ReloadReport, ReloadStage};
 pub use shutdown::{Phase, Shutdown, ShutdownTrigger};
 pub use signals::Signals;

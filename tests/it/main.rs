@@ -13,5 +13,6 @@ mod h2_abuse;
 mod malformed;
 mod protocols;
 mod reload;
+mod reload_listeners;
 mod systemd;
 mod timeouts;
