@@ -18,6 +18,7 @@ mod protocols;
 mod proxy;
 mod redaction;
 mod reload;
+mod reload_listeners;
 mod resilience;
 mod switches;
 mod systemd;
