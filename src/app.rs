@@ -162,14 +162,10 @@ fn serve_with(
         }
     };
     if let Some(l) = &admin_listener {
-        server
-            .handle()
-            .listening_sockets()
-            .insert(crate::lifecycle::upgrade::Role::Admin, l)
-            .map_err(|e| Exit {
-                code: 1,
-                message: format!("cannot keep the admin API's socket for upgrades: {e}"),
-            })?;
+        server.handle().listening_sockets().keep_admin(l).map_err(|e| Exit {
+            code: 1,
+            message: format!("cannot keep the admin API's socket for upgrades: {e}"),
+        })?;
     }
     eprintln!("gatehouse {} serving ({source})", env!("CARGO_PKG_VERSION"));
     eprint!("{}", server.protocol_table());

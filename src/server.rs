@@ -17,21 +17,21 @@
 //! ```
 
 use crate::config::{Config, ConfigSource, Findings, Severity};
-use crate::conn::{ConnSettings, ListenerShared, ProtocolPolicy, Registry};
+use crate::conn::{ConnSettings, Registry};
 use crate::http::{HttpService, ServiceBody};
-use crate::lifecycle::upgrade::{Handover, Launch, ListeningSockets, ReadyReport, Role, Upgrader};
+use crate::lifecycle::reload::cert_watch::CertFiles;
+use crate::lifecycle::upgrade::{Handover, Launch, ListeningSockets, ReadyReport, Upgrader};
 use crate::lifecycle::{
     Live, Owed, OwedGuard, Phase, ReloadError, ReloadHook, ReloadReport, ReloadTrigger, ShutdownTrigger, Signals,
     UpgradeError, UpgradeReport,
 };
-use crate::listen::{self, BindError, ConnLimits};
-use crate::observe::{otel, AccessLog, Metrics, Name, Switches, Tracer};
+use crate::listen::{self, BindError, BoundListener, ConnLimits, ListenerCommon, ListenerSet, Origin};
+use crate::observe::{otel, AccessLog, Metrics, Switches, Tracer};
 use crate::route::Router;
 use crate::tls::TlsServer;
-use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Why the server could not start. Each maps to a documented exit code.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,9 @@ pub struct Prepared {
     pub tls: Vec<Option<TlsServer>>,
     /// Warnings (errors make `prepare` fail).
     pub findings: Findings,
+    /// The certificate files as they were just before loading, when `server.watch_certificates`
+    /// is on: the watcher's baseline.
+    pub(crate) cert_files: Option<CertFiles>,
 }
 
 /// Validates `config` and loads every certificate and key, without binding anything.
@@ -73,6 +76,9 @@ pub fn prepare(mut config: Config) -> Result<Prepared, StartError> {
         config.server.state_dir = dir.into();
     }
     let mut findings = config.validate();
+    // Taken before the files are read: a change that lands in between is then seen as a change
+    // (and reloaded once more), never mistaken for what was loaded.
+    let cert_files = config.server.watch_certificates.map(|_| CertFiles::of(&config));
     let mut tls = Vec::with_capacity(config.listeners.len());
     for (i, l) in config.listeners.iter().enumerate() {
         // Building TLS for a listener whose [tls] section is already invalid would only repeat errors.
@@ -88,7 +94,12 @@ pub fn prepare(mut config: Config) -> Result<Prepared, StartError> {
     if findings.has_errors() {
         return Err(StartError::Invalid(findings));
     }
-    Ok(Prepared { config, tls, findings })
+    Ok(Prepared {
+        config,
+        tls,
+        findings,
+        cert_files,
+    })
 }
 
 /// Shared view of a running server: shutdown, readiness, metrics and the connection table.
@@ -175,6 +186,11 @@ impl ServerHandle {
         self.live.add_hook(hook);
     }
 
+    /// The address listener `name` is bound to now (reloads included), if it is in force.
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.live.listeners().local_addr(name)
+    }
+
     /// Starts the binary this process was started from, hands it every listening socket, and once
     /// it serves, drains this process (as SIGUSR2 does). On failure this process keeps serving
     /// and the error says why. Needs [`Server::with_upgrade`].
@@ -183,6 +199,11 @@ impl ServerHandle {
         // Its own task, like a reload: an admin client that hangs up must not abandon a started
         // process half-way.
         tokio::spawn(async move {
+            // No reload runs meanwhile: the listeners handed over are the ones the new process
+            // finds in the configuration it reads, and none is added or removed behind its back.
+            // A reload asked for during the upgrade waits, then is refused if the handover went
+            // through (this process no longer serves).
+            let _listeners_fixed = handle.live.exclusive().await;
             let timeout = handle.config().shutdown.upgrade_timeout.get();
             handle.upgrader.run(&handle.trigger, &handle.metrics, timeout).await
         })
@@ -190,8 +211,9 @@ impl ServerHandle {
         .unwrap_or_else(|e| Err(UpgradeError::Failed(format!("the upgrade task failed: {e}"))))
     }
 
-    /// The listening sockets a binary upgrade hands over. Code that adds or removes a listener
-    /// (or the admin API's socket) while serving keeps this table in step.
+    /// The listening sockets a binary upgrade hands over: the listeners in force (a reload's
+    /// changes included), and the admin API's socket once kept with
+    /// [`ListeningSockets::keep_admin`].
     pub fn listening_sockets(&self) -> &ListeningSockets {
         self.upgrader.sockets()
     }
@@ -210,7 +232,9 @@ const OWED_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// A server with its listeners bound, ready to serve.
 pub struct Server {
     prepared: Prepared,
-    listeners: Vec<(Arc<ListenerShared>, std::net::TcpListener)>,
+    /// Shared with the reload state, which adds and removes listeners, and with the upgrader,
+    /// which hands them over.
+    listeners: Arc<ListenerSet>,
     limits: Arc<ConnLimits>,
     handle: ServerHandle,
     signals: bool,
@@ -274,42 +298,50 @@ impl Server {
         if inherit_findings.has_errors() {
             return Err(StartError::Invalid(inherit_findings));
         }
+        let common = ListenerCommon {
+            metrics: metrics.clone(),
+            registry: registry.clone(),
+            shutdown,
+            debug: switches.clone(),
+            tracer,
+        };
         let mut listeners = Vec::new();
-        let upgrader = Arc::new(Upgrader::default());
         for (i, l) in c.listeners.iter().enumerate() {
-            let adopted = inherited.get_mut(i).and_then(Option::take);
-            let socket = match adopted.or_else(|| handed_over.get_mut(i).and_then(Option::take)) {
-                Some(socket) => socket,
-                None => listen::bind(&l.name, l.address)?,
+            // Socket activation and a binary upgrade fill the set alike; a handed-over socket
+            // keeps the origin it had in the old process, so one that systemd passed stays
+            // systemd's (a reload cannot move it) after any number of upgrades.
+            let adopted = inherited
+                .get_mut(i)
+                .and_then(Option::take)
+                .map(|s| (s, Origin::Inherited));
+            let (socket, origin) = match adopted.or_else(|| handed_over.get_mut(i).and_then(Option::take)) {
+                Some(adopted) => adopted,
+                None => (listen::bind(&l.name, l.address)?, Origin::Bound),
             };
-            upgrader
-                .sockets()
-                .insert(Role::Listener(l.name.clone()), &socket)
-                .map_err(|e| StartError::Other(format!("cannot keep listener {} for upgrades: {e}", l.name)))?;
             let tls = tls_servers.get_mut(i).and_then(Option::take);
-            let shared = Arc::new(ListenerShared {
-                name: Name(Arc::from(l.name.as_str())),
-                policy: ArcSwap::from_pointee(ProtocolPolicy::from_config(l)),
-                tls: tls.map(ArcSwap::from_pointee),
-                settings: ArcSwap::new(settings.clone()),
-                metrics: metrics.clone(),
-                access_log: ArcSwap::new(access_log.clone()),
-                registry: registry.clone(),
-                shutdown: shutdown.clone(),
-                debug: switches.clone(),
-                tracer: tracer.clone(),
-            });
-            listeners.push((shared, socket));
+            listeners.push(BoundListener::new(
+                l,
+                socket,
+                origin,
+                tls,
+                settings.clone(),
+                access_log.clone(),
+                &common,
+            ));
         }
+        let listeners = Arc::new(ListenerSet::new(listeners));
+        let upgrader = Arc::new(Upgrader::new(ListeningSockets::new(listeners.clone())));
         let limits = ConnLimits::new(c.limits.max_connections, c.limits.max_connections_per_ip);
         let live = Arc::new(Live::new(
             c.clone(),
-            listeners.iter().map(|(shared, _)| shared.clone()).collect(),
+            listeners.clone(),
+            common,
+            access_log,
             limits.clone(),
             switches.clone(),
             metrics.clone(),
-            shutdown,
         ));
+        live.set_loaded_cert_files(prepared.cert_files.take());
         let handle = ServerHandle {
             trigger,
             ready: Arc::new(AtomicBool::new(false)),
@@ -333,10 +365,7 @@ impl Server {
 
     /// The address listener `name` is bound to (useful with port 0).
     pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|(s, _)| &*s.name.0 == name)
-            .and_then(|(_, l)| l.local_addr().ok())
+        self.listeners.local_addr(name)
     }
 
     pub fn handle(&self) -> ServerHandle {
@@ -387,7 +416,7 @@ impl Server {
         use std::fmt::Write;
         let mut out =
             String::from("listener        address                   tls   protocols            certificate\n");
-        for (shared, sock) in &self.listeners {
+        for (shared, addr) in self.listeners.snapshot() {
             let cfg = self
                 .prepared
                 .config
@@ -401,7 +430,7 @@ impl Server {
             if cfg.is_some_and(|c| c.h2c_upgrade) {
                 protos.push_str("+upgrade");
             }
-            let addr = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let addr = addr.map(|a| a.to_string()).unwrap_or_default();
             let (tls, cert) = match &shared.tls {
                 Some(t) => {
                     let t = t.load();
@@ -500,25 +529,35 @@ impl Server {
         S: HttpService<B>,
         B: ServiceBody,
     {
-        for (shared, socket) in &self.listeners {
+        // Kept for listeners a reload adds: the service is cloned for each of their accept loops.
+        let limits = self.limits.clone();
+        let svc = Mutex::new(svc);
+        let start: listen::StartAccepting = Arc::new(move |l: &BoundListener| {
+            let shared = &l.shared;
             // One per listener, so that an exhaustion episode is reported once, not once per worker.
             let errors = listen::AcceptErrors::new(shared.name.clone(), shared.metrics.clone(), shared.debug.clone());
+            let svc = svc.lock().unwrap_or_else(|p| p.into_inner()).clone();
             for w in &workers {
-                let sock = socket
+                let sock = l
+                    .socket
                     .try_clone()
-                    .map_err(|e| StartError::Other(format!("cannot share listener {}: {e}", shared.name.0)))?;
+                    .map_err(|e| format!("cannot share listener {}: {e}", shared.name.0))?;
                 let shared = shared.clone();
-                let limits = self.limits.clone();
+                let limits = limits.clone();
                 let svc = svc.clone();
                 let errors = errors.clone();
+                let running = l.accept_loop_guard();
                 w.spawn(async move {
                     match tokio::net::TcpListener::from_std(sock) {
                         Ok(l) => listen::accept_loop(listen::Acceptor::new(l, errors), shared, limits, svc).await,
                         Err(e) => tracing::error!(listener = %shared.name.0, error = %e, "cannot register listener"),
                     }
+                    drop(running);
                 });
             }
-        }
+            Ok(())
+        });
+        self.listeners.start_accepting(start).map_err(StartError::Other)?;
         let export = self.exporter.map(|e| {
             tracing::info!(
                 endpoint = %e.endpoint().url(),
@@ -527,8 +566,7 @@ impl Server {
             );
             e.spawn()
         });
-        let listener_count = self.listeners.len();
-        drop(self.listeners);
+        let listeners = self.listeners.clone();
         let handle = self.handle.clone();
         let mut signals = if self.signals {
             match Signals::install() {
@@ -563,30 +601,37 @@ impl Server {
         }
         handle.set_ready(true);
         let shutdown = handle.trigger().subscribe();
+        // Idle unless `server.watch_certificates` is set; a reload can turn it on or off.
+        tokio::spawn(crate::lifecycle::reload::cert_watch::run(
+            self.handle.live.clone(),
+            shutdown.clone(),
+        ));
         // Every listener is bound and has an accept loop: tell systemd (Type=notify) we are up.
         let notify = crate::lifecycle::systemd::notifier();
         if notify.is_enabled() {
             let registry = handle.registry.clone();
+            let listeners_now = listeners.clone();
             handle.on_reload(Arc::new(move |stage| match stage {
                 crate::lifecycle::ReloadStage::Started => notify.reloading(),
                 crate::lifecycle::ReloadStage::Finished(_) => {
-                    notify.reloaded(&serving_status(listener_count, &registry))
+                    notify.reloaded(&serving_status(listeners_now.len(), &registry))
                 }
             }));
         }
-        notify.ready(&serving_status(listener_count, &handle.registry));
+        notify.ready(&serving_status(listeners.len(), &handle.registry));
         if let Some(report) = &self.ready_report {
             report.ready();
         }
         if notify.is_enabled() {
             let registry = handle.registry.clone();
             let shutdown = shutdown.clone();
+            let listeners = listeners.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(crate::lifecycle::systemd::STATUS_INTERVAL);
                 tick.tick().await;
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => notify.status(&serving_status(listener_count, &registry)),
+                        _ = tick.tick() => notify.status(&serving_status(listeners.len(), &registry)),
                         _ = shutdown.stop_accepting() => break,
                     }
                 }
@@ -654,8 +699,9 @@ impl Server {
                 second_signal.await;
             }
         };
-        // The accept loops close their sockets as the drain begins; the copies kept for an
-        // upgrade must close with them, or the kernel would keep queueing connections.
+        // The accept loops close their sockets as the drain begins; the listener set's (kept for
+        // an upgrade) and the admin API's copy must close with them, or the kernel would keep
+        // queueing connections. After a handover the upgrade closed them already.
         handle.listening_sockets().clear();
         // Connections cut at the deadline are counted by their own tasks as `drain_forced`.
         let report = crate::lifecycle::drain(handle.trigger(), &handle.registry, drain_timeout, second_signal).await;

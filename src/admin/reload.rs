@@ -2,6 +2,7 @@
 
 use super::json;
 use crate::config::Finding;
+use crate::lifecycle::reload::{ListenerAt, ListenerReport};
 use crate::lifecycle::{ReloadError, ReloadTrigger};
 use crate::ServerHandle;
 use bytes::Bytes;
@@ -17,6 +18,7 @@ pub async fn post(handle: &ServerHandle) -> Response<Full<Bytes>> {
             serde_json::json!({
                 "result": "ok",
                 "changed": report.changed,
+                "listeners": listeners(&report.listeners),
                 "warnings": report.warnings.iter().map(finding).collect::<Vec<_>>(),
             }),
         ),
@@ -34,6 +36,26 @@ pub async fn post(handle: &ServerHandle) -> Response<Full<Bytes>> {
             )
         }
     }
+}
+
+/// `{"added": [{"name", "address"}], "removed": [...], "moved": [{"name", "from", "to"}], "switched": [...]}`
+fn listeners(r: &ListenerReport) -> serde_json::Value {
+    let at = |v: &[ListenerAt]| -> Vec<serde_json::Value> {
+        v.iter()
+            .map(|l| serde_json::json!({ "name": l.name, "address": l.address.to_string() }))
+            .collect()
+    };
+    let moved: Vec<serde_json::Value> = r
+        .moved
+        .iter()
+        .map(|m| serde_json::json!({ "name": m.name, "from": m.from.to_string(), "to": m.to.to_string() }))
+        .collect();
+    serde_json::json!({
+        "added": at(&r.added),
+        "removed": at(&r.removed),
+        "moved": moved,
+        "switched": at(&r.switched),
+    })
 }
 
 fn finding(f: &Finding) -> serde_json::Value {

@@ -119,13 +119,22 @@ pub struct ServerConfig {
     /// Worker threads, each running its own event loop. 0 = one per core.
     pub workers: usize,
     pub state_dir: PathBuf,
+    /// How often to look at every TLS listener's certificate and key files, and reload the
+    /// certificates when they changed. Default is off (absent): certificates change on reload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch_certificates: Option<Span>,
 }
+
+/// Below this, polling certificate files costs CPU and gains nothing: a rotation is applied one
+/// stable interval after it is written anyway.
+pub const MIN_WATCH_CERTIFICATES: Span = Span::millis(100);
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             workers: 0,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            watch_certificates: None,
         }
     }
 }

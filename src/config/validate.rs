@@ -492,6 +492,15 @@ impl Config {
     }
 
     fn validate_admin_and_log(&self, f: &mut Findings) {
+        if let Some(every) = self.server.watch_certificates {
+            if every.get() < super::MIN_WATCH_CERTIFICATES.get() {
+                f.error(
+                    "server.watch_certificates",
+                    format!("{every} is shorter than {}", super::MIN_WATCH_CERTIFICATES),
+                    "use a few seconds (\"5s\"), or leave the key out to turn watching off",
+                );
+            }
+        }
         let a = &self.admin;
         if !a.address.is_empty() {
             match a.address.parse::<std::net::SocketAddr>() {

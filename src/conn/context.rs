@@ -2,7 +2,7 @@
 
 use super::{CloseReason, ConnInfo, Registry};
 use crate::config::{Http2Config, Limits, ListenerConfig, Protocol as ConfigProtocol, Timeouts};
-use crate::lifecycle::Shutdown;
+use crate::lifecycle::{Shutdown, TaskCount};
 use crate::observe::{AccessLog, Metrics, Name};
 use crate::tls::TlsServer;
 use arc_swap::ArcSwap;
@@ -45,10 +45,13 @@ pub struct ListenerShared {
     pub metrics: Metrics,
     pub access_log: ArcSwap<AccessLog>,
     pub registry: Arc<Registry>,
+    /// The server's phase and this listener's own: a listener removed by a reload drains alone.
     pub shutdown: Shutdown,
     pub debug: crate::observe::Switches,
     /// Set when `[tracing]` exports spans; `None` costs requests nothing but this test.
     pub tracer: Option<crate::observe::Tracer>,
+    /// This listener's open connections, which its drain waits for.
+    pub open: TaskCount,
 }
 
 /// One connection's shared state: what its request pipeline and its task both see.

@@ -53,3 +53,50 @@ pub async fn drain(
     tracing::info!(forced, "drain complete");
     DrainReport { forced, ..report }
 }
+
+/// Counts live tasks of one kind (a listener's connections, its accept loops) so that a drain can
+/// wait for them to end without polling. Cheap to clone; clones count together.
+#[derive(Clone, Debug, Default)]
+pub struct TaskCount(std::sync::Arc<TaskCountInner>);
+
+#[derive(Debug, Default)]
+struct TaskCountInner {
+    live: std::sync::atomic::AtomicUsize,
+    ended: tokio::sync::Notify,
+}
+
+/// One counted task; dropping it ends the task's count.
+#[derive(Debug)]
+pub struct TaskGuard(TaskCount);
+
+impl TaskCount {
+    /// Counts one more task until the guard is dropped.
+    pub fn enter(&self) -> TaskGuard {
+        self.0.live.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        TaskGuard(self.clone())
+    }
+    pub fn len(&self) -> usize {
+        self.0.live.load(std::sync::atomic::Ordering::Acquire)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Resolves once no counted task is live.
+    pub async fn wait_empty(&self) {
+        loop {
+            let ended = self.0.ended.notified();
+            if self.is_empty() {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.0 .0.live.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.0 .0.ended.notify_waiters();
+        }
+    }
+}

@@ -8,7 +8,7 @@ mod signals;
 pub mod systemd;
 pub mod upgrade;
 
-pub use drain::{drain, DrainReport};
+pub use drain::{drain, DrainReport, TaskCount, TaskGuard};
 pub use reload::{Live, ReloadError, ReloadHook, ReloadReport, ReloadStage, ReloadTrigger};
 pub use shutdown::{Owed, OwedGuard, Phase, Shutdown, ShutdownTrigger};
 pub use signals::Signals;

@@ -6,18 +6,25 @@
 //! prepared piece into the `ArcSwap` that connections read from, and cannot fail. So a reload is
 //! either whole or refused with its findings; there is no half-reloaded server.
 //!
-//! Every trigger (SIGHUP, `POST /reload`, `gatehouse reload`, a library call) goes through
-//! `Live::reload`, which serialises reloads, counts `gatehouse_reloads_total{result}`, logs the
-//! outcome and tells [`ReloadHook`]s (for example, to send systemd `RELOADING=1`).
+//! Listeners are part of it. New sockets are bound while staging, so an address in use refuses
+//! the reload before anything changed; applying then starts accepting on them, and takes the
+//! removed ones out of service, each draining its own connections as a server drain would.
+//!
+//! Every trigger (SIGHUP, `POST /reload`, `gatehouse reload`, a library call, the certificate
+//! watcher) goes through `Live::reload`, which serialises reloads, counts
+//! `gatehouse_reloads_total{result}`, logs the outcome and tells [`ReloadHook`]s (for example, to
+//! send systemd `RELOADING=1`).
 
+pub mod cert_watch;
+mod listeners;
 mod plan;
 
-pub use plan::{plan, Plan};
+pub use listeners::{ListenerAt, ListenerMove, ListenerReport};
+pub use plan::{plan, ListenerChange, Plan};
 
-use super::Shutdown;
 use crate::config::{self, Config, ConfigSource, Finding, Findings, ListenerConfig, Severity};
-use crate::conn::{ConnSettings, ListenerShared, ProtocolPolicy};
-use crate::listen::ConnLimits;
+use crate::conn::{ConnSettings, ProtocolPolicy};
+use crate::listen::{ClosingListener, ConnLimits, ListenerCommon, ListenerSet, Origin};
 use crate::observe::metrics::ResultLabels;
 use crate::observe::{AccessLog, Metrics, PeerFilter, Switch, SwitchSet, Switches};
 use crate::route::{RouteTable, Router};
@@ -31,6 +38,8 @@ pub struct ReloadReport {
     /// Sections now in force, like `routes`, `timeouts` or `listeners.public.tls`. Empty when the
     /// new configuration equals the running one.
     pub changed: Vec<String>,
+    /// Listeners that now accept, stopped accepting, or moved.
+    pub listeners: ListenerReport,
     /// Changed keys that wait for a restart, and certificate warnings (expiring soon...).
     pub warnings: Vec<Finding>,
 }
@@ -60,7 +69,7 @@ impl ReloadError {
     }
 }
 
-/// What asked for a reload, as the `reload` debug switch reports it.
+/// What asked for a reload, as the log and the `reload` debug switch report it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReloadTrigger {
     /// SIGHUP.
@@ -69,6 +78,8 @@ pub enum ReloadTrigger {
     Admin,
     /// A call to `ServerHandle::reload` or `reload_from_source`.
     Library,
+    /// The certificate watcher saw certificate or key files change (`server.watch_certificates`).
+    CertWatch,
 }
 
 impl ReloadTrigger {
@@ -77,6 +88,7 @@ impl ReloadTrigger {
             ReloadTrigger::Signal => "sighup",
             ReloadTrigger::Admin => "admin",
             ReloadTrigger::Library => "library",
+            ReloadTrigger::CertWatch => "cert_watch",
         }
     }
 }
@@ -101,12 +113,17 @@ pub struct Live {
     /// The built-in route table, when the server serves its configuration's `[[routes]]`. A
     /// library user's own service is never replaced.
     router: ArcSwapOption<Router>,
-    listeners: Vec<Arc<ListenerShared>>,
+    listeners: Arc<ListenerSet>,
+    /// What a listener added by a reload shares with the others.
+    common: ListenerCommon,
+    /// The access log in force, for listeners added by a reload.
+    access_log: ArcSwap<AccessLog>,
     limits: Arc<ConnLimits>,
     switches: Switches,
     metrics: Metrics,
-    shutdown: Shutdown,
     hooks: Mutex<Vec<ReloadHook>>,
+    /// The certificate files as last loaded (see [`cert_watch`]); `None` while watching is off.
+    cert_files: ArcSwapOption<cert_watch::CertFiles>,
     /// Held for a whole reload so two triggers at once run one after the other, never interleaved.
     lock: tokio::sync::Mutex<()>,
 }
@@ -115,7 +132,7 @@ impl std::fmt::Debug for Live {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Live")
             .field("source", &self.source.load())
-            .field("listeners", &self.listeners.len())
+            .field("listeners", &self.listeners)
             .field("routes", &self.router.load().is_some())
             .finish_non_exhaustive()
     }
@@ -130,6 +147,7 @@ struct Staged {
     routes: Option<RouteTable>,
     /// `None`: keep the running access log.
     access_log: Option<Arc<AccessLog>>,
+    cert_files: Option<cert_watch::CertFiles>,
     warnings: Findings,
 }
 
@@ -146,11 +164,12 @@ impl Live {
     /// The reload state over a freshly bound server. `config` is the prepared (running) one.
     pub(crate) fn new(
         config: Config,
-        listeners: Vec<Arc<ListenerShared>>,
+        listeners: Arc<ListenerSet>,
+        common: ListenerCommon,
+        access_log: Arc<AccessLog>,
         limits: Arc<ConnLimits>,
         switches: Switches,
         metrics: Metrics,
-        shutdown: Shutdown,
     ) -> Live {
         // Both series exist from the start so a dashboard can tell "no reload yet" from "no data".
         for result in ["ok", "refused"] {
@@ -161,11 +180,13 @@ impl Live {
             source: ArcSwapOption::empty(),
             router: ArcSwapOption::empty(),
             listeners,
+            common,
+            access_log: ArcSwap::new(access_log),
             limits,
             switches,
             metrics,
-            shutdown,
             hooks: Mutex::new(Vec::new()),
+            cert_files: ArcSwapOption::empty(),
             lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -175,8 +196,28 @@ impl Live {
         self.config.load_full()
     }
 
+    /// The listeners in force.
+    pub fn listeners(&self) -> &Arc<ListenerSet> {
+        &self.listeners
+    }
+
+    /// Holds off every reload until the guard drops (one under way finishes first): for a binary
+    /// upgrade, which hands over the listeners in force and must not see them change meanwhile.
+    pub(crate) async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.lock.lock().await
+    }
+
     pub(crate) fn set_source(&self, source: ConfigSource) {
         self.source.store(Some(Arc::new(source)));
+    }
+
+    pub(crate) fn set_loaded_cert_files(&self, files: Option<cert_watch::CertFiles>) {
+        self.cert_files.store(files.map(Arc::new));
+    }
+
+    /// The certificate files as the configuration in force loaded them.
+    pub(crate) fn loaded_cert_files(&self) -> Option<Arc<cert_watch::CertFiles>> {
+        self.cert_files.load_full()
     }
 
     pub(crate) fn set_router(&self, router: Router) {
@@ -262,18 +303,26 @@ impl Live {
         match &result {
             Ok(r) => {
                 for w in &r.warnings {
-                    tracing::warn!(key = %w.key, fix = %w.fix, "reload: {}", w.problem);
+                    tracing::warn!(trigger = trigger.as_str(), key = %w.key, fix = %w.fix, "reload: {}", w.problem);
                 }
                 if r.changed.is_empty() {
-                    tracing::info!("configuration reloaded; nothing changed");
+                    tracing::info!(trigger = trigger.as_str(), "configuration reloaded; nothing changed");
+                } else if r.listeners.is_empty() {
+                    tracing::info!(trigger = trigger.as_str(), changed = %r.changed.join(", "), "configuration reloaded");
                 } else {
-                    tracing::info!(changed = %r.changed.join(", "), "configuration reloaded");
+                    tracing::info!(
+                        trigger = trigger.as_str(),
+                        changed = %r.changed.join(", "),
+                        listeners = %r.listeners,
+                        "configuration reloaded"
+                    );
                 }
             }
             Err(e) => {
                 let findings = e.findings();
                 let summary: Vec<String> = findings.iter().map(|f| format!("{}: {}", f.key, f.problem)).collect();
                 tracing::warn!(
+                    trigger = trigger.as_str(),
                     findings = %summary.join("; "),
                     "reload refused; still serving the previous configuration"
                 );
@@ -284,7 +333,7 @@ impl Live {
     }
 
     async fn reload_locked(&self, next: Option<Config>) -> Result<ReloadReport, ReloadError> {
-        if self.shutdown.phase() != super::Phase::Running {
+        if self.common.shutdown.phase() != super::Phase::Running {
             return Err(ReloadError::Unavailable(
                 "the server is shutting down; configuration unchanged".into(),
             ));
@@ -311,8 +360,9 @@ impl Live {
             Err(_) => format!("reload staging failed after {} ms", staged_in.as_millis()),
         });
         let staged = staged?;
+        let sockets = self.open_sockets(&staged)?;
         let applying = std::time::Instant::now();
-        let report = self.apply(staged);
+        let (report, closing) = self.apply(staged, sockets);
         self.switches.process_event(Switch::Reload, || {
             format!(
                 "reload applied in {} us: changed [{}]",
@@ -320,6 +370,14 @@ impl Live {
                 report.changed.join(", ")
             )
         });
+        // Answer once the removed listeners' ports are closed: a client that connects after the
+        // reload reported them removed is refused, not queued on a socket nobody accepts on.
+        futures_util::future::join_all(closing.iter().map(ClosingListener::accept_stopped)).await;
+        let drain_timeout = self.config.load().shutdown.drain_timeout.get();
+        for listener in closing {
+            // The outcome is logged by the drain; forced closes are counted by each connection.
+            tokio::spawn(listener.drain(drain_timeout));
+        }
         Ok(report)
     }
 
@@ -327,15 +385,25 @@ impl Live {
     ///
     /// Each piece is its own atomic swap. Requests and handshakes read their piece when they
     /// start, so each sees either the old or the new value of it, never a mix within one piece.
-    fn apply(&self, s: Staged) -> ReloadReport {
+    ///
+    /// Listeners: new ones start accepting before retiring ones stop, so a listener that takes
+    /// over a socket leaves no moment in which nothing accepts on it. Returns the retired
+    /// listeners, already refusing new connections, for the caller to drain.
+    fn apply(
+        &self,
+        s: Staged,
+        sockets: Vec<(usize, std::net::TcpListener, Origin)>,
+    ) -> (ReloadReport, Vec<ClosingListener>) {
         let Staged {
             config,
             mut plan,
             tls,
             routes,
             access_log,
+            cert_files,
             warnings,
         } = s;
+        self.set_loaded_cert_files(cert_files);
         match (self.router.load().as_deref(), routes) {
             (Some(router), Some(table)) => {
                 if plan.changed.iter().any(|c| c == "routes" || c == "upstreams") {
@@ -353,8 +421,10 @@ impl Live {
         let old = self.config.load_full();
         let mut tls = tls;
         for (i, l) in config.listeners.iter().enumerate() {
-            // `plan` refused any listener that is not already running, so this always finds it.
-            let Some(shared) = self.listeners.iter().find(|s| *s.name.0 == *l.name) else {
+            if !plan.keeps(&l.name, &config) {
+                continue;
+            }
+            let Some(shared) = self.listeners.shared(&l.name) else {
                 continue;
             };
             shared.settings.store(settings.clone());
@@ -370,6 +440,10 @@ impl Live {
                 shared.access_log.store(log.clone());
             }
         }
+        if let Some(log) = access_log {
+            self.access_log.store(log);
+        }
+        let (listeners, closing, warnings_listeners) = self.swap_listeners(&plan, &config, tls, sockets, &settings);
         self.limits
             .set(config.limits.max_connections, config.limits.max_connections_per_ip);
         if plan.changed.iter().any(|c| c == "debug") {
@@ -377,11 +451,14 @@ impl Live {
         }
         self.config.store(config);
         let mut all = plan.findings;
+        all.extend(warnings_listeners);
         all.extend(warnings);
-        ReloadReport {
+        let report = ReloadReport {
             changed: plan.changed,
+            listeners,
             warnings: all.0.into_iter().filter(|f| f.severity == Severity::Warning).collect(),
-        }
+        };
+        (report, closing)
     }
 }
 
@@ -442,6 +519,7 @@ fn stage(input: StageInput) -> Result<Staged, ReloadError> {
     };
     Ok(Staged {
         tls: std::mem::take(&mut prepared.tls),
+        cert_files: prepared.cert_files.take(),
         config: Arc::new(prepared.config),
         plan,
         routes,

@@ -20,10 +20,16 @@ pub enum Phase {
 }
 
 /// A handle tasks use to learn of shutdown. Cheap to clone.
+///
+/// A listener's connections watch two phases: the server's, and their listener's own (a listener
+/// removed by a reload drains alone). They act on whichever is further along.
 #[derive(Clone, Debug)]
 pub struct Shutdown {
     rx: watch::Receiver<Phase>,
     handed_over: Arc<AtomicBool>,
+    /// The listener's own phase. Holding the sender keeps a scope that nobody advances from
+    /// reading as "reached" (a closed watch channel does), which would close its connections.
+    scope: Option<ShutdownTrigger>,
 }
 
 /// Moves the server through its shutdown phases.
@@ -44,7 +50,11 @@ impl ShutdownTrigger {
                 tx: Arc::new(tx),
                 handed_over: handed_over.clone(),
             },
-            Shutdown { rx, handed_over },
+            Shutdown {
+                rx,
+                handed_over,
+                scope: None,
+            },
         )
     }
     /// Advances to `phase`; never goes back. `HandedOver` is only taken from `Running`. Returns
@@ -76,18 +86,44 @@ impl ShutdownTrigger {
         Shutdown {
             rx: self.tx.subscribe(),
             handed_over: self.handed_over.clone(),
+            scope: None,
         }
     }
 }
 
 impl Shutdown {
+    /// This handle, also following `scope`: it reaches a phase when either the server or `scope`
+    /// does. Used for one listener's connections, so that the listener can drain on its own. A
+    /// scope only drains (a handover is the whole process's), so [`Shutdown::handed_over`] still
+    /// follows the server alone.
+    pub fn scoped(&self, scope: ShutdownTrigger) -> Shutdown {
+        Shutdown {
+            rx: self.rx.clone(),
+            handed_over: self.handed_over.clone(),
+            scope: Some(scope),
+        }
+    }
     pub fn phase(&self) -> Phase {
-        *self.rx.borrow()
+        let own = *self.rx.borrow();
+        self.scope.as_ref().map_or(own, |s| own.max(s.phase()))
     }
     async fn reached(&self, phase: Phase) {
         let mut rx = self.rx.clone();
         // An error means the trigger is gone: the server is going away, so treat it as reached.
-        let _ = rx.wait_for(|p| *p >= phase).await;
+        let server = rx.wait_for(|p| *p >= phase);
+        match &self.scope {
+            None => {
+                let _ = server.await;
+            }
+            Some(scope) => {
+                // `scope` holds the sender, so this channel cannot close while we wait on it.
+                let mut scope = scope.tx.subscribe();
+                tokio::select! {
+                    _ = server => {}
+                    _ = scope.wait_for(|p| *p >= phase) => {}
+                }
+            }
+        }
     }
     /// Resolves once this process stops taking new connections: a handover or a drain.
     pub async fn stop_accepting(&self) {

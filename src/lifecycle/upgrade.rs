@@ -3,9 +3,11 @@
 //!
 //! The sequence, from the old process's side ([`Upgrader::run`]):
 //!
-//! 1. Duplicate every listening socket (the admin API's included) without close-on-exec, and a
-//!    Unix socket pair for the answer; start the executable this process was started from, with
-//!    the same arguments, and the [`handover`] variables naming the descriptors.
+//! 1. Duplicate every listening socket in force (the listener set's, as reloads left it, and the
+//!    admin API's) without close-on-exec, and a Unix socket pair for the answer; start the
+//!    executable this process was started from, with the same arguments, and the [`handover`]
+//!    variables naming the descriptors and which came from socket activation. No reload runs
+//!    until the upgrade's outcome is known (see `ServerHandle::upgrade`).
 //! 2. The new process adopts the sockets by listener name, validates its configuration in full,
 //!    binds only listeners the old process did not have, starts accepting (both processes now
 //!    accept on the same sockets, so no connection attempt is refused), and writes `READY`.
@@ -23,6 +25,7 @@
 pub mod handover;
 
 use super::{Phase, ShutdownTrigger};
+use crate::listen::{ListenerSet, Origin};
 use crate::observe::metrics::ResultLabels;
 use crate::observe::Metrics;
 pub use handover::{Handover, ReadyReport, Role};
@@ -70,49 +73,81 @@ impl Launch {
     }
 }
 
-/// The listening sockets a new process takes over: one duplicate of each, by what it serves.
+/// The listening sockets a new process takes over, by what each serves.
 ///
-/// Whatever adds or removes a listener while the server runs must add or remove it here too: a
-/// removed listener's socket would otherwise stay open in this table, and an added one would be
-/// bound twice (and refused) by the new process.
+/// The `[[listeners]]` sockets are not copied here: they are read from the [`ListenerSet`] in
+/// force when an upgrade starts, so that what a reload added is handed over and what it removed
+/// is not (its socket closed as its drain began). Only the admin API's socket, which belongs to no
+/// listener set, is kept as a duplicate.
 #[derive(Clone, Debug, Default)]
 pub struct ListeningSockets {
-    entries: Arc<Mutex<Vec<(Role, std::net::TcpListener)>>>,
+    listeners: Arc<ListenerSet>,
+    admin: Arc<Mutex<Option<std::net::TcpListener>>>,
+}
+
+/// One socket as handed to a new process.
+struct ForChild {
+    role: Role,
+    fd: OwnedFd,
+    /// Passed by the service manager (socket activation) to whichever process first took it.
+    activated: bool,
 }
 
 impl ListeningSockets {
-    /// Keeps a duplicate of `socket` for `role`, replacing any earlier one.
-    pub fn insert(&self, role: Role, socket: &std::net::TcpListener) -> std::io::Result<()> {
+    /// The sockets of `listeners` (as it changes), and later the admin API's.
+    pub fn new(listeners: Arc<ListenerSet>) -> ListeningSockets {
+        ListeningSockets {
+            listeners,
+            admin: Arc::default(),
+        }
+    }
+
+    /// Keeps a duplicate of the admin API's socket, replacing any earlier one.
+    pub fn keep_admin(&self, socket: &std::net::TcpListener) -> std::io::Result<()> {
         let dup = socket.try_clone()?;
-        let mut entries = self.lock();
-        entries.retain(|(r, _)| *r != role);
-        entries.push((role, dup));
+        *self.lock_admin() = Some(dup);
         Ok(())
     }
 
-    /// Forgets (and closes this table's duplicate of) the socket for `role`.
-    pub fn remove(&self, role: &Role) {
-        self.lock().retain(|(r, _)| r != role);
+    /// Forgets (and closes this table's duplicate of) the admin API's socket.
+    pub fn forget_admin(&self) {
+        self.lock_admin().take();
     }
 
-    /// Closes this table's duplicates. For a process that stops accepting: a socket kept open
-    /// here would go on completing handshakes into an accept queue nobody serves.
+    /// Closes every socket this process keeps for a successor: the listener set's (which stops
+    /// taking listeners from reloads) and the admin API's duplicate. For a process that stops
+    /// accepting: a socket kept open here would go on completing handshakes into an accept queue
+    /// nobody serves.
     pub fn clear(&self) {
-        self.lock().clear();
+        self.listeners.close_all();
+        self.forget_admin();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Role, std::net::TcpListener)>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_admin(&self) -> std::sync::MutexGuard<'_, Option<std::net::TcpListener>> {
+        self.admin.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Fresh duplicates, inheritable across exec, for one new process.
-    fn for_child(&self) -> std::io::Result<Vec<(Role, OwnedFd)>> {
-        let entries = self.lock();
-        let mut out = Vec::with_capacity(entries.len());
-        for (role, socket) in entries.iter() {
+    fn for_child(&self) -> std::io::Result<Vec<ForChild>> {
+        let inheritable = |socket: &std::net::TcpListener| -> std::io::Result<OwnedFd> {
             let dup = OwnedFd::from(socket.try_clone()?);
             socket2::SockRef::from(&dup).set_cloexec(false)?;
-            out.push((role.clone(), dup));
+            Ok(dup)
+        };
+        let mut out = Vec::new();
+        for (name, socket, origin) in self.listeners.sockets()? {
+            out.push(ForChild {
+                role: Role::Listener(name),
+                fd: inheritable(&socket)?,
+                activated: origin == Origin::Inherited,
+            });
+        }
+        if let Some(socket) = self.lock_admin().as_ref() {
+            out.push(ForChild {
+                role: Role::Admin,
+                fd: inheritable(socket)?,
+                activated: false,
+            });
         }
         Ok(out)
     }
@@ -156,17 +191,16 @@ pub struct Upgrader {
     state: Mutex<State>,
 }
 
-impl Default for Upgrader {
-    fn default() -> Self {
+impl Upgrader {
+    /// Upgrades that hand over `sockets`; disabled until [`Upgrader::set_launch`].
+    pub fn new(sockets: ListeningSockets) -> Upgrader {
         Upgrader {
             launch: Mutex::new(None),
-            sockets: ListeningSockets::default(),
+            sockets,
             state: Mutex::new(State::Idle),
         }
     }
-}
 
-impl Upgrader {
     /// Enables upgrades: successors are started as `launch` describes.
     pub fn set_launch(&self, launch: Launch) {
         *self.launch.lock().unwrap_or_else(|p| p.into_inner()) = Some(launch);
@@ -256,11 +290,13 @@ impl Upgrader {
         socket2::SockRef::from(&theirs)
             .set_cloexec(false)
             .map_err(|e| format!("cannot pass the answer socket: {e}"))?;
-        let entries: Vec<(Role, i32)> = fds.iter().map(|(r, fd)| (r.clone(), fd.as_raw_fd())).collect();
+        let entries: Vec<(Role, i32)> = fds.iter().map(|f| (f.role.clone(), f.fd.as_raw_fd())).collect();
+        let activated: Vec<&Role> = fds.iter().filter(|f| f.activated).map(|f| &f.role).collect();
         let mut cmd = Command::new(&launch.exe);
         cmd.arg0(&launch.arg0)
             .args(&launch.args)
             .env(handover::FDS_VAR, handover::encode(&entries))
+            .env(handover::ACTIVATED_VAR, handover::encode_activated(&activated))
             .env(handover::FROM_VAR, std::process::id().to_string())
             .env(handover::READY_FD_VAR, theirs.as_raw_fd().to_string());
         // The inheritable duplicates exist only from here to the end of `spawn`; gatehouse starts
@@ -387,17 +423,18 @@ mod tests {
     fn sockets_for_a_child_are_fresh_inheritable_duplicates() {
         let table = ListeningSockets::default();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        table.insert(Role::Listener("web".into()), &l).unwrap();
-        table.insert(Role::Listener("web".into()), &l).unwrap();
-        table.insert(Role::Admin, &l).unwrap();
+        table.keep_admin(&l).unwrap();
+        table.keep_admin(&l).unwrap();
         let fds = table.for_child().unwrap();
-        assert_eq!(fds.len(), 2, "an insert for the same role replaces the earlier one");
-        for (_, fd) in &fds {
-            let flags = rustix::io::fcntl_getfd(fd).unwrap();
+        assert_eq!(fds.len(), 1, "keeping the admin socket again replaces the earlier copy");
+        for f in &fds {
+            assert_eq!(f.role, Role::Admin);
+            assert!(!f.activated);
+            let flags = rustix::io::fcntl_getfd(&f.fd).unwrap();
             assert!(!flags.contains(rustix::io::FdFlags::CLOEXEC));
-            assert_ne!(fd.as_raw_fd(), l.as_raw_fd());
+            assert_ne!(f.fd.as_raw_fd(), l.as_raw_fd());
         }
-        table.remove(&Role::Admin);
-        assert_eq!(table.for_child().unwrap().len(), 1);
+        table.clear();
+        assert_eq!(table.for_child().unwrap().len(), 0);
     }
 }

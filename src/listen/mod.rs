@@ -1,12 +1,15 @@
-//! Listening sockets: binding, socket activation, the accept loop, and connection limits.
+//! Listening sockets: binding, socket activation, the set in force, the accept loop, and
+//! connection limits.
 
 mod acceptor;
 #[allow(unsafe_code)]
 pub mod inherit;
 mod limits;
+mod set;
 
 pub use acceptor::{AcceptErrors, Acceptor};
 pub use limits::{Admission, ConnLimits};
+pub use set::{BoundListener, ClosingListener, ListenerCommon, ListenerSet, Origin, StartAccepting};
 
 use crate::conn::{serve_connection, ListenerShared};
 use crate::http::{HttpService, ServiceBody};
@@ -95,11 +98,13 @@ where
         shared
             .debug
             .event(Switch::Accept, &shared.name.0, peer, || format!("accepted {peer}"));
+        let open = shared.open.enter();
         let shared = shared.clone();
         let svc = svc.clone();
         tokio::spawn(async move {
             serve_connection(tcp, peer, shared, svc).await;
             drop(permit);
+            drop(open);
         });
     }
     tracing::debug!(listener = %shared.name.0, "stopped accepting");

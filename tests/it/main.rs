@@ -20,6 +20,7 @@ mod proxy_resilience;
 mod proxy_shedding;
 mod redaction;
 mod reload;
+mod reload_listeners;
 mod resilience;
 mod switches;
 mod systemd;

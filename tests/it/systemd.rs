@@ -75,7 +75,11 @@ env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAM
 os.execve(argv[0], argv, env)
 "#;
 
-fn activate(cmd: &mut std::process::Command, port_file: &std::path::Path, name: &str) -> std::process::Command {
+pub(crate) fn activate(
+    cmd: &mut std::process::Command,
+    port_file: &std::path::Path,
+    name: &str,
+) -> std::process::Command {
     let program = cmd.get_program().to_owned();
     let mut wrapped = std::process::Command::new("python3");
     wrapped

@@ -369,3 +369,149 @@ fn sigusr2_upgrades_and_the_old_process_exits_zero() {
         ));
     assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
 }
+
+/// Whether a connection attempt to `addr` is refused: nothing listens there any more.
+fn refused(addr: SocketAddr) -> bool {
+    matches!(
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// Cleartext listeners `(name, address)`, short handover bounds, and a route answering `hello`.
+fn listeners_config(listeners: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (name, address) in listeners {
+        out.push_str(&format!("[[listeners]]\nname = \"{name}\"\naddress = \"{address}\"\n"));
+    }
+    out.push_str(
+        "[shutdown]\nhandover_grace = \"1s\"\ndrain_timeout = \"5s\"\n[log]\naccess_log = \"off\"\n\
+         [[routes]]\nrespond = { status = 200, body = \"hello\\n\" }\n",
+    );
+    out
+}
+
+/// Rewrites the running server's configuration file with `text` (keeping its admin API's address)
+/// and reloads it through the admin API: the JSON answer, which must be 200.
+fn reload_with(g: &Gatehouse, text: &str) -> serde_json::Value {
+    let file = g.dir.path().join("gatehouse.toml");
+    std::fs::write(&file, format!("{text}[admin]\naddress = \"{}\"\n", g.admin)).unwrap();
+    let (status, answer) = crate::reload_listeners::post_reload(g.admin);
+    assert_eq!(status, 200, "{answer}\n{}", g.log());
+    answer
+}
+
+#[test]
+fn an_upgrade_hands_over_the_listeners_a_reload_added_and_not_those_it_removed() {
+    use crate::reload_listeners::get_blocking;
+    let mut g = Gatehouse::start(&listeners_config(&[("web", "127.0.0.1:0"), ("old", "127.0.0.1:0")]));
+    let old_pid = g.child.id();
+    let (web, old) = (g.addr("web"), g.addr("old"));
+
+    // A reload removes `old` and adds `extra` on a port of the kernel's choosing: the new process
+    // can serve that port only if it is handed the socket, since binding port 0 again picks another.
+    let answer = reload_with(
+        &g,
+        &listeners_config(&[("web", "127.0.0.1:0"), ("extra", "127.0.0.1:0")]),
+    );
+    assert_eq!(answer["listeners"]["removed"][0]["name"], "old", "{answer}");
+    assert_eq!(answer["listeners"]["added"][0]["name"], "extra", "{answer}");
+    let extra: SocketAddr = answer["listeners"]["added"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(get_blocking(extra), "hello\n");
+    assert!(refused(old), "a removed listener's port must refuse connections");
+
+    let (code, stdout, stderr) = upgrade_cli(g.admin);
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}\nlog:\n{}", g.log());
+    let new = Adopted(new_pid(&stdout));
+    assert_eq!(g.wait_exit(Duration::from_secs(30)).code(), Some(0), "{}", g.log());
+    assert!(new.is_alive(), "{}", g.log());
+
+    // The old process is gone: whatever answers now is the new one, on the reload's port.
+    assert_eq!(get_blocking(extra), "hello\n", "{}", g.log());
+    assert_eq!(get_blocking(web), "hello\n", "{}", g.log());
+    assert!(refused(old), "the removed listener must not come back with the upgrade");
+    let log = g.log();
+    for listener in ["web", "extra"] {
+        assert!(
+            log.contains(&format!(
+                "adopted the socket of listener `{listener}` from pid {old_pid}"
+            )),
+            "{log}"
+        );
+    }
+    // Not handed over at all (not merely unused by the new configuration).
+    assert!(!log.contains("socket of listener `old`"), "{log}");
+    let (status, metrics) = g.admin_get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metric(&metrics, "gatehouse_connections_accepted_total{listener=\"extra\"}") >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_socket_activated_listener_stays_so_across_an_upgrade_and_a_bound_one_can_move() {
+    use crate::reload_listeners::{free_addr, get_blocking};
+    let config = listeners_config(&[("web", "127.0.0.1:0"), ("api", "127.0.0.1:0")]);
+    let ports = tempfile::tempdir().unwrap();
+    let port_file = ports.path().join("port");
+    let pf = port_file.clone();
+    let mut g = Gatehouse::start_with(&config, "info", move |c| {
+        *c = crate::systemd::activate(c, &pf, "web");
+    });
+    let old_pid = g.child.id();
+    let (web, api) = (g.addr("web"), g.addr("api"));
+    let passed: u16 = std::fs::read_to_string(&port_file).unwrap().parse().unwrap();
+    assert_eq!(web.port(), passed, "{}", g.log());
+
+    let (code, stdout, stderr) = upgrade_cli(g.admin);
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}\nlog:\n{}", g.log());
+    let new = Adopted(new_pid(&stdout));
+    assert_eq!(g.wait_exit(Duration::from_secs(30)).code(), Some(0), "{}", g.log());
+    assert!(new.is_alive(), "{}", g.log());
+    assert_eq!(get_blocking(web), "hello\n");
+
+    // The new process knows `web`'s socket is systemd's: moving it is refused, saying why.
+    let moved_web = free_addr().to_string();
+    let file = g.dir.path().join("gatehouse.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "{}[admin]\naddress = \"{}\"\n",
+            listeners_config(&[("web", &moved_web), ("api", "127.0.0.1:0")]),
+            g.admin
+        ),
+    )
+    .unwrap();
+    let (status, answer) = crate::reload_listeners::post_reload(g.admin);
+    assert_eq!(status, 422, "{answer}\n{}", g.log());
+    assert!(
+        answer["findings"].as_array().unwrap().iter().any(|f| f["key"]
+            == "listeners[0].address"
+            && f["message"].as_str().unwrap().contains("socket activation")),
+        "{answer}"
+    );
+    assert_eq!(get_blocking(web), "hello\n");
+
+    // `api`'s socket was bound by the old process: the new one moves it like any other.
+    let moved_api = free_addr();
+    let answer = reload_with(
+        &g,
+        &listeners_config(&[("web", "127.0.0.1:0"), ("api", &moved_api.to_string())]),
+    );
+    assert_eq!(answer["listeners"]["moved"][0]["name"], "api", "{answer}");
+    assert_eq!(answer["listeners"]["moved"][0]["from"], api.to_string(), "{answer}");
+    assert_eq!(get_blocking(moved_api), "hello\n");
+    assert!(refused(api), "the moved listener's old port must refuse connections");
+    assert_eq!(get_blocking(web), "hello\n");
+    assert!(
+        g.log()
+            .contains(&format!("adopted the socket of listener `api` from pid {old_pid}")),
+        "{}",
+        g.log()
+    );
+}

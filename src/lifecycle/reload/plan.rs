@@ -1,8 +1,10 @@
-//! What a reload would change: sections applied live, keys that wait for a restart, and refusals.
+//! What a reload would change: sections applied live, listeners to bind or drain, and keys that
+//! wait for a restart.
 //!
 //! Pure comparison of two configurations; loading files and swapping state happen elsewhere.
 
 use crate::config::{Config, Findings, ListenerConfig};
+use std::net::SocketAddr;
 
 /// The outcome of comparing the running configuration with a candidate.
 #[derive(Debug, Default)]
@@ -10,9 +12,59 @@ pub struct Plan {
     /// Sections that will be in force after the swap, like `routes` or `listeners.public`.
     /// TLS certificates are compared after they load (see `reload.rs`), so they are not here.
     pub changed: Vec<String>,
-    /// Errors: changes a reload cannot make (a listener added, removed or moved).
+    /// Listeners that appear, disappear, move, or switch between TLS and cleartext.
+    pub listeners: Vec<ListenerChange>,
     /// Warnings: changed keys that take effect on the next restart.
     pub findings: Findings,
+}
+
+/// A listener whose socket or kind changes. Listeners are matched by name; a listener whose
+/// address and kind (TLS or cleartext) stay the same keeps its socket and its connections, and
+/// gets its new settings in place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenerChange {
+    /// New name: bind its address (index in the new configuration).
+    Added { index: usize },
+    /// Same name, new address: bind the new one, drain the old one.
+    Moved { index: usize, from: SocketAddr },
+    /// Same name and address, TLS switched on or off: a new listener takes over the socket, the
+    /// old one's connections (speaking the other kind) drain.
+    Switched { index: usize },
+    /// Gone from the new configuration: stop accepting, drain its connections.
+    Removed { name: String, address: SocketAddr },
+}
+
+impl ListenerChange {
+    /// The index in the new configuration of a listener that needs a socket.
+    pub fn new_index(&self) -> Option<usize> {
+        match self {
+            ListenerChange::Added { index }
+            | ListenerChange::Moved { index, .. }
+            | ListenerChange::Switched { index } => Some(*index),
+            ListenerChange::Removed { .. } => None,
+        }
+    }
+}
+
+impl Plan {
+    /// Listener `name` of the running configuration keeps its socket and its connections.
+    pub fn keeps(&self, name: &str, new: &Config) -> bool {
+        new.listeners
+            .iter()
+            .enumerate()
+            .any(|(i, l)| l.name == name && !self.listeners.iter().any(|c| c.new_index() == Some(i)))
+    }
+
+    /// Names of the running listeners that go out of service: removed, moved or switched.
+    pub fn retiring<'a>(&'a self, new: &'a Config) -> impl Iterator<Item = &'a str> + 'a {
+        self.listeners.iter().filter_map(move |c| match c {
+            ListenerChange::Added { .. } => None,
+            ListenerChange::Removed { name, .. } => Some(name.as_str()),
+            ListenerChange::Moved { index, .. } | ListenerChange::Switched { index } => {
+                new.listeners.get(*index).map(|l| l.name.as_str())
+            }
+        })
+    }
 }
 
 /// Compares `old` (running) with `new` (candidate).
@@ -31,6 +83,10 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         ("debug", old.debug != new.debug),
         ("log", log_sink_differs(old, new)),
         ("server.state_dir", old.server.state_dir != new.server.state_dir),
+        (
+            "server.watch_certificates",
+            old.server.watch_certificates != new.server.watch_certificates,
+        ),
     ] {
         if differs {
             p.changed.push(section.to_string());
@@ -88,61 +144,34 @@ fn log_sink_differs(old: &Config, new: &Config) -> bool {
         || o.hash_key_file != n.hash_key_file
 }
 
-/// Listeners are matched by name. Their sockets are bound once, so a listener that appears,
-/// disappears, moves or switches between TLS and cleartext refuses the reload: half-applying it
-/// would leave the file describing a server that is not the one running.
+/// Listeners are matched by name (see [`ListenerChange`]).
 fn listeners(old: &Config, new: &Config, p: &mut Plan) {
-    let restart_fix = "restart gatehouse to apply listener changes, or undo this change to reload the rest";
     for (i, n) in new.listeners.iter().enumerate() {
         let Some(o) = old.listeners.iter().find(|o| o.name == n.name) else {
-            p.findings.error(
-                format!("listeners[{i}].name"),
-                format!(
-                    "`{}` ({}) is a new listener; adding a listener needs a restart",
-                    n.name, n.address
-                ),
-                restart_fix,
-            );
+            p.listeners.push(ListenerChange::Added { index: i });
+            p.changed.push(format!("listeners.{}", n.name));
             continue;
         };
         if o.address != n.address {
-            p.findings.error(
-                format!("listeners[{i}].address"),
-                format!(
-                    "listener `{}` would move from {} to {}; moving a listener needs a restart",
-                    n.name, o.address, n.address
-                ),
-                restart_fix,
-            );
-        }
-        if o.tls.is_some() != n.tls.is_some() {
-            let (from, to) = if o.tls.is_some() {
-                ("TLS", "cleartext")
-            } else {
-                ("cleartext", "TLS")
-            };
-            p.findings.error(
-                format!("listeners[{i}].tls"),
-                format!(
-                    "listener `{}` would switch from {from} to {to}; that needs a restart",
-                    n.name
-                ),
-                restart_fix,
-            );
+            p.listeners.push(ListenerChange::Moved {
+                index: i,
+                from: o.address,
+            });
+            p.changed.push(format!("listeners.{}", n.name));
+        } else if o.tls.is_some() != n.tls.is_some() {
+            p.listeners.push(ListenerChange::Switched { index: i });
+            p.changed.push(format!("listeners.{}", n.name));
         } else if protocols_differ(o, n) {
             p.changed.push(format!("listeners.{}", n.name));
         }
     }
     for o in &old.listeners {
         if !new.listeners.iter().any(|n| n.name == o.name) {
-            p.findings.error(
-                "listeners",
-                format!(
-                    "listener `{}` ({}) is missing; removing a listener needs a restart",
-                    o.name, o.address
-                ),
-                restart_fix,
-            );
+            p.listeners.push(ListenerChange::Removed {
+                name: o.name.clone(),
+                address: o.address,
+            });
+            p.changed.push(format!("listeners.{}", o.name));
         }
     }
 }
@@ -154,7 +183,7 @@ pub(super) fn protocols_differ(o: &ListenerConfig, n: &ListenerConfig) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{load_str, Severity};
+    use crate::config::load_str;
 
     fn cfg(extra: &str) -> Config {
         load_str(&format!(
@@ -183,33 +212,43 @@ mod tests {
     }
 
     #[test]
-    fn listener_set_changes_are_refused_naming_the_listener() {
+    fn listener_set_changes_are_planned_by_name() {
         let old = cfg("");
         let moved = load_str("[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:8081\"\n").unwrap();
         let p = plan(&old, &moved);
-        assert!(p.findings.iter().any(|f| f.severity == Severity::Error
-            && f.key == "listeners[0].address"
-            && f.problem.contains("`web`")
-            && f.problem.contains("restart")));
+        assert_eq!(
+            p.listeners,
+            [ListenerChange::Moved {
+                index: 0,
+                from: "127.0.0.1:8080".parse().unwrap()
+            }]
+        );
+        assert!(!p.keeps("web", &moved));
+        assert_eq!(p.retiring(&moved).collect::<Vec<_>>(), ["web"]);
 
         let renamed = load_str("[[listeners]]\nname = \"www\"\naddress = \"127.0.0.1:8080\"\n").unwrap();
         let p = plan(&old, &renamed);
-        let errors: Vec<_> = p.findings.iter().map(|f| f.problem.as_str()).collect();
-        assert!(
-            errors.iter().any(|e| e.contains("`www`") && e.contains("new listener")),
-            "{errors:?}"
+        assert_eq!(
+            p.listeners,
+            [
+                ListenerChange::Added { index: 0 },
+                ListenerChange::Removed {
+                    name: "web".into(),
+                    address: "127.0.0.1:8080".parse().unwrap()
+                }
+            ]
         );
-        assert!(
-            errors.iter().any(|e| e.contains("`web`") && e.contains("missing")),
-            "{errors:?}"
-        );
+        assert_eq!(p.changed, ["listeners.www", "listeners.web"]);
+        assert_eq!(p.retiring(&renamed).collect::<Vec<_>>(), ["web"]);
+        assert!(!p.findings.has_errors());
 
         let tls = cfg("[listeners.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n");
         let p = plan(&old, &tls);
-        assert!(p
-            .findings
-            .iter()
-            .any(|f| f.key == "listeners[0].tls" && f.problem.contains("cleartext to TLS")));
+        assert_eq!(p.listeners, [ListenerChange::Switched { index: 0 }]);
+
+        let p = plan(&old, &cfg("protocols = [\"http/1.1\"]\n"));
+        assert!(p.listeners.is_empty());
+        assert!(p.keeps("web", &old));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! | `GATEHOUSE_UPGRADE_FDS` | `public=3,internal=4,@admin=5`: each listening socket by listener name (percent-encoded), the admin API's as `@admin` |
 //! | `GATEHOUSE_UPGRADE_FROM` | the old process's pid |
 //! | `GATEHOUSE_UPGRADE_READY_FD` | a Unix stream socket: the new process writes `READY\n`, or `FAILED\n` and why, then closes it |
+//! | `GATEHOUSE_UPGRADE_ACTIVATED` | `public`: the listeners (percent-encoded, comma-separated) whose sockets came from socket activation, which a reload must not move; absent or empty when none did |
 //!
 //! The variables are trusted only when `GATEHOUSE_UPGRADE_FROM` is this process's parent: the
 //! same variables left in a shell's environment by accident must never make a process take over
@@ -15,6 +16,7 @@
 //! sees them.
 
 use crate::config::{Findings, ListenerConfig};
+use crate::listen::Origin;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 use socket2::Socket;
 use std::io::Write;
@@ -26,6 +28,7 @@ use std::sync::{Arc, Mutex};
 pub const FDS_VAR: &str = "GATEHOUSE_UPGRADE_FDS";
 pub const FROM_VAR: &str = "GATEHOUSE_UPGRADE_FROM";
 pub const READY_FD_VAR: &str = "GATEHOUSE_UPGRADE_READY_FD";
+pub const ACTIVATED_VAR: &str = "GATEHOUSE_UPGRADE_ACTIVATED";
 
 /// More sockets than this is a garbled variable, not a configuration (as for `LISTEN_FDS`).
 const MAX_PASSED: usize = 4096;
@@ -62,6 +65,42 @@ pub fn encode(entries: &[(Role, RawFd)]) -> String {
         })
         .collect();
     items.join(",")
+}
+
+/// `GATEHOUSE_UPGRADE_ACTIVATED` for these roles (listeners only: the admin API is never
+/// socket-activated).
+pub fn encode_activated(roles: &[&Role]) -> String {
+    let names: Vec<String> = roles
+        .iter()
+        .filter_map(|role| match role {
+            Role::Listener(name) => Some(utf8_percent_encode(name, NAME_ESCAPES).to_string()),
+            Role::Admin => None,
+        })
+        .collect();
+    names.join(",")
+}
+
+/// Parses `GATEHOUSE_UPGRADE_ACTIVATED` against the roles `GATEHOUSE_UPGRADE_FDS` passed: each
+/// name must be one of those listeners, once.
+pub fn parse_activated(text: &str, passed: &[(Role, RawFd)]) -> Result<Vec<Role>, String> {
+    let mut out: Vec<Role> = Vec::new();
+    if text.trim().is_empty() {
+        return Ok(out);
+    }
+    for name in text.split(',') {
+        let decoded = percent_decode_str(name)
+            .decode_utf8()
+            .map_err(|_| format!("`{name}` is not a percent-encoded UTF-8 listener name"))?;
+        let role = Role::Listener(decoded.into_owned());
+        if !passed.iter().any(|(r, _)| *r == role) {
+            return Err(format!("{role} is not among the sockets handed over"));
+        }
+        if out.contains(&role) {
+            return Err(format!("{role} is given twice"));
+        }
+        out.push(role);
+    }
+    Ok(out)
 }
 
 /// Parses `GATEHOUSE_UPGRADE_FDS`. Every descriptor must be above stderr and appear once, and
@@ -145,6 +184,8 @@ impl ReadyReport {
 struct Passed {
     role: Role,
     fd: RawFd,
+    /// Where the socket first came from, which the old process knew and passed on.
+    origin: Origin,
     socket: Result<(Socket, SocketAddr), String>,
 }
 
@@ -165,7 +206,8 @@ impl Handover {
         let fds = std::env::var(FDS_VAR).ok();
         let from = std::env::var(FROM_VAR).ok();
         let ready = std::env::var(READY_FD_VAR).ok();
-        for var in [FDS_VAR, FROM_VAR, READY_FD_VAR] {
+        let activated = std::env::var(ACTIVATED_VAR).ok();
+        for var in [FDS_VAR, FROM_VAR, READY_FD_VAR, ACTIVATED_VAR] {
             std::env::remove_var(var);
         }
         let fds = fds?;
@@ -191,6 +233,13 @@ impl Handover {
             Ok(e) => e,
             Err(why) => {
                 bad(format!("`{fds}` from pid {from}: {why}"));
+                return None;
+            }
+        };
+        let activated = match parse_activated(activated.as_deref().unwrap_or_default(), &entries) {
+            Ok(a) => a,
+            Err(why) => {
+                bad(format!("{ACTIVATED_VAR} from pid {from}: {why}"));
                 return None;
             }
         };
@@ -220,7 +269,19 @@ impl Handover {
         let passed = entries
             .into_iter()
             .zip(sockets)
-            .map(|((role, fd), socket)| Some(Passed { role, fd, socket }))
+            .map(|((role, fd), socket)| {
+                let origin = if activated.contains(&role) {
+                    Origin::Inherited
+                } else {
+                    Origin::Bound
+                };
+                Some(Passed {
+                    role,
+                    fd,
+                    origin,
+                    socket,
+                })
+            })
             .collect();
         tracing::info!(
             from,
@@ -246,16 +307,17 @@ impl Handover {
         self.report.clone()
     }
 
-    /// For each listener, the handed-over socket it adopts (`None`: bind it as usual). A socket
-    /// goes to the listener of its name if it is on that listener's address (any port when the
-    /// configured port is 0); otherwise to a listener on exactly its address (a renamed
-    /// listener). A listener that moved is bound anew, and its old socket closed.
+    /// For each listener, the handed-over socket it adopts and where that socket first came from
+    /// (`None`: bind it as usual). A socket goes to the listener of its name if it is on that
+    /// listener's address (any port when the configured port is 0); otherwise to a listener on
+    /// exactly its address (a renamed listener). A listener that moved is bound anew, and its old
+    /// socket closed.
     pub fn adopt_listeners(
         &mut self,
         listeners: &[ListenerConfig],
         findings: &mut Findings,
-    ) -> Vec<Option<std::net::TcpListener>> {
-        let mut out: Vec<Option<std::net::TcpListener>> = listeners.iter().map(|_| None).collect();
+    ) -> Vec<Option<(std::net::TcpListener, Origin)>> {
+        let mut out: Vec<Option<(std::net::TcpListener, Origin)>> = listeners.iter().map(|_| None).collect();
         for (i, l) in listeners.iter().enumerate() {
             let role = Role::Listener(l.name.clone());
             out[i] = self.take(findings, &format!("listeners[{i}].address"), l.address, |p| {
@@ -275,6 +337,7 @@ impl Handover {
     /// The admin API's socket, if it was handed over and is on `address`.
     pub fn adopt_admin(&mut self, address: SocketAddr, findings: &mut Findings) -> Option<std::net::TcpListener> {
         self.take(findings, "admin.address", address, |p| p.role == Role::Admin)
+            .map(|(socket, _)| socket)
     }
 
     /// Takes the first passed socket `wanted` picks, if it is on `address`.
@@ -284,7 +347,7 @@ impl Handover {
         key: &str,
         address: SocketAddr,
         wanted: impl Fn(&Passed) -> bool,
-    ) -> Option<std::net::TcpListener> {
+    ) -> Option<(std::net::TcpListener, Origin)> {
         let slot = self.passed.iter_mut().find(|p| p.as_ref().is_some_and(&wanted))?;
         let on_address = |a: &SocketAddr| a.ip() == address.ip() && (address.port() == 0 || a.port() == address.port());
         match slot.as_ref().map(|p| &p.socket) {
@@ -297,7 +360,7 @@ impl Handover {
         match p.socket {
             Ok((socket, addr)) => {
                 tracing::info!(fd = p.fd, address = %addr, from = self.from, "adopted the socket of {} from pid {}", p.role, self.from);
-                Some(socket.into())
+                Some((socket.into(), p.origin))
             }
             Err(why) => {
                 findings.error(
@@ -365,6 +428,31 @@ mod tests {
             ("%FF=3", "is not a percent-encoded UTF-8"),
         ] {
             let e = parse(text).unwrap_err();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn socket_activated_listeners_are_named_among_the_passed_ones() {
+        let passed = vec![
+            (Role::Listener("public".into()), 3),
+            (Role::Listener("a,b".into()), 4),
+            (Role::Admin, 5),
+        ];
+        let activated = [&passed[1].0, &passed[2].0];
+        let text = encode_activated(&activated);
+        assert_eq!(text, "a%2Cb", "the admin API is never socket-activated");
+        assert_eq!(
+            parse_activated(&text, &passed).unwrap(),
+            vec![Role::Listener("a,b".into())]
+        );
+        assert_eq!(parse_activated("", &passed).unwrap(), vec![]);
+        for (text, why) in [
+            ("other", "is not among the sockets handed over"),
+            ("public,public", "is given twice"),
+            ("%FF", "is not a percent-encoded UTF-8"),
+        ] {
+            let e = parse_activated(text, &passed).unwrap_err();
             assert!(e.contains(why), "{text}: {e}");
         }
     }
