@@ -1,6 +1,6 @@
 //! Routing: `[[routes]]` matched by host and path prefix, first match wins.
 
-use crate::config::{Builtin, Config, Findings, RouteConfig};
+use crate::config::{Builtin, Config, Findings, RouteConfig, StaticCacheConfig};
 use crate::handlers::{self, StaticFiles};
 use crate::http::body::ResponseBody;
 use crate::http::{RequestBody, RequestContext};
@@ -96,7 +96,7 @@ impl RouteTable {
             .routes
             .iter()
             .enumerate()
-            .filter_map(|(i, r)| compile(i, r, f))
+            .filter_map(|(i, r)| compile(i, r, &config.static_cache, f))
             .collect();
         RouteTable {
             routes,
@@ -105,9 +105,9 @@ impl RouteTable {
     }
 }
 
-fn compile(i: usize, r: &RouteConfig, f: &mut Findings) -> Option<Route> {
+fn compile(i: usize, r: &RouteConfig, cache: &StaticCacheConfig, f: &mut Findings) -> Option<Route> {
     let handler = if let Some(dir) = &r.static_dir {
-        match StaticFiles::new(dir) {
+        match StaticFiles::new(dir, cache) {
             Ok(s) => Handler::Static(s),
             Err(e) => {
                 f.error(
