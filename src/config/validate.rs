@@ -111,7 +111,10 @@ impl Config {
         if c.max_file_size.0 > c.max_bytes.0 {
             f.error(
                 "static_cache.max_file_size",
-                format!("{} is larger than static_cache.max_bytes ({})", c.max_file_size, c.max_bytes),
+                format!(
+                    "{} is larger than static_cache.max_bytes ({})",
+                    c.max_file_size, c.max_bytes
+                ),
                 "raise static_cache.max_bytes or lower static_cache.max_file_size",
             );
         }

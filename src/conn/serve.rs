@@ -172,7 +172,13 @@ where
                 Sniffed::Closed => CloseReason::ClientClosed,
                 Sniffed::Error => CloseReason::IoError,
                 Sniffed::Preface(tcp, prefix) => {
-                    Box::pin(serve_h2(MeteredIo::new(tcp, prefix, info.clone()), conn, svc, Protocol::H2c)).await
+                    Box::pin(serve_h2(
+                        MeteredIo::new(tcp, prefix, info.clone()),
+                        conn,
+                        svc,
+                        Protocol::H2c,
+                    ))
+                    .await
                 }
                 Sniffed::Other(tcp, prefix) => serve_h1(MeteredIo::new(tcp, prefix, info.clone()), conn, svc).await,
             }

@@ -164,7 +164,10 @@ mod tests {
         let c = cache(8, 1024);
         let t0 = Instant::now();
         c.insert("/a", meta(), Bytes::from_static(b"aaaa"), t0);
-        assert_eq!(c.fresh("/a", t0 + Duration::from_millis(999)).map(|e| e.1), Some(Bytes::from_static(b"aaaa")));
+        assert_eq!(
+            c.fresh("/a", t0 + Duration::from_millis(999)).map(|e| e.1),
+            Some(Bytes::from_static(b"aaaa"))
+        );
         assert!(c.fresh("/a", t0 + Duration::from_secs(1)).is_none());
         assert!(c.fresh("/b", t0).is_none());
         c.remove("/a");

@@ -23,7 +23,10 @@ fn connection(g: &Gatehouse, protocol: &str, done: impl Fn(&serde_json::Value) -
                 return c.clone();
             }
         }
-        assert!(Instant::now() < deadline, "no idle {protocol} connection with the expected counters: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "no idle {protocol} connection with the expected counters: {body}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

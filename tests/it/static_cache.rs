@@ -62,7 +62,11 @@ async fn changed_and_deleted_files_are_seen_within_validity() {
         // Replaced on disk: the cache answers the old bytes until its entry is checked again.
         std::fs::write(&file, "second, longer version\n").unwrap();
         let (status, etag, body) = get(&client, &url).await;
-        assert_eq!((status, body.as_str()), (200, "first version\n"), "served from the cache");
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "first version\n"),
+            "served from the cache"
+        );
         assert_eq!(etag, etag1, "the cached validators go with the cached bytes");
 
         wait_for(&client, &url, 200, "second, longer version\n").await;
