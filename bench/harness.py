@@ -252,9 +252,21 @@ def write(path, text):
 
 
 def gatehouse_conf(env, run_dir, variant):
-    if variant == "proxy":
-        raise ScenarioFailed("not yet: gatehouse has no proxy")
     ports = PORTS["gatehouse"]
+    # The proxy variant forwards /proxy/ to the upstream nginx with the upstream's defaults
+    # (pooled keep-alive HTTP/1.1 connections, health and breaker bookkeeping on). gatehouse sends
+    # the path unchanged, so the upstream serves /proxy/ from the same directory (see nginx_conf).
+    proxy = ""
+    if variant == "proxy":
+        proxy = f"""\
+[[upstreams]]
+name = "bench"
+servers = ["127.0.0.1:{UPSTREAM_PORT}"]
+
+[[routes]]
+path = "/proxy"
+proxy = "bench"
+"""
     access_log = os.path.join(run_dir, "access.log") if variant == "log" else "off"
     # Everything not written here keeps its default: the timeouts, limits and metrics stay on as a
     # user would run them. Two limits are raised, and still checked on every connection/request:
@@ -290,6 +302,7 @@ max_requests_per_connection = {REQUESTS_PER_CONNECTION}
 path = "/fixed"
 respond = {{ status = 200, body = "hello, world\\n", content_type = "text/plain" }}
 
+{proxy}
 [[routes]]
 path = "/"
 static = "{env.www}"
@@ -313,6 +326,10 @@ def nginx_conf(env, run_dir, variant):
     server {{
         listen 127.0.0.1:{UPSTREAM_PORT};
         root {env.www};
+        # gatehouse forwards the path unchanged; nginx and h2o strip the /proxy/ prefix.
+        location /proxy/ {{
+            alias {env.www}/;
+        }}
     }}"""
     else:
         proxy = ""
@@ -628,8 +645,6 @@ def scenario_list():
         return f"{scheme}://127.0.0.1:{PORTS[name][key]}{path}"
 
     def proxy(bench, name):
-        if name == "gatehouse":
-            raise ScenarioFailed("not yet: gatehouse has no proxy")
         upstream = bench.env.upstream()
         upstream.start()
         try:

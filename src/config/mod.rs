@@ -111,6 +111,7 @@ pub struct Config {
     pub log: LogConfig,
     pub debug: DebugConfig,
     pub tracing: TracingConfig,
+    pub static_cache: StaticCacheConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -484,6 +485,43 @@ pub struct DebugConfig {
     pub switches: Vec<String>,
     pub listener: Option<String>,
     pub peer: Option<String>,
+}
+
+/// Enough for a site's hot pages and assets; each entry is a path, its validators and (if small) its bytes.
+pub const DEFAULT_STATIC_CACHE_MAX_ENTRIES: usize = 1024;
+/// Typical pages, scripts, stylesheets and icons fit; larger files are streamed from disk as before.
+pub const DEFAULT_STATIC_CACHE_MAX_FILE_SIZE: Size = Size::kib(64);
+/// Bounds the memory held by file contents, whatever the mix of entries.
+pub const DEFAULT_STATIC_CACHE_MAX_BYTES: Size = Size::mib(16);
+/// A changed or deleted file is seen within a second, while a hot file costs one check per second, not per request.
+pub const DEFAULT_STATIC_CACHE_VALIDITY: Span = Span::secs(1);
+
+/// `[static_cache]`: the `static` handler's open-file cache (nginx's `open_file_cache`).
+///
+/// Small files are held in memory with their validators and answered without touching the file
+/// system; an entry older than `validity` is checked again on its next request.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StaticCacheConfig {
+    /// Files held per `static` route; 0 turns the cache off.
+    pub max_entries: usize,
+    /// Files up to this size are read whole and held; larger ones are streamed and not cached.
+    pub max_file_size: Size,
+    /// Bytes of file contents held per `static` route.
+    pub max_bytes: Size,
+    /// How long a cached file is served before the file system is asked again.
+    pub validity: Span,
+}
+
+impl Default for StaticCacheConfig {
+    fn default() -> Self {
+        StaticCacheConfig {
+            max_entries: DEFAULT_STATIC_CACHE_MAX_ENTRIES,
+            max_file_size: DEFAULT_STATIC_CACHE_MAX_FILE_SIZE,
+            max_bytes: DEFAULT_STATIC_CACHE_MAX_BYTES,
+            validity: DEFAULT_STATIC_CACHE_VALIDITY,
+        }
+    }
 }
 
 impl Config {

@@ -93,7 +93,32 @@ impl Config {
         self.validate_upstreams(&mut f);
         self.validate_admission(&mut f);
         self.validate_admin_and_log(&mut f);
+        self.validate_static_cache(&mut f);
         f
+    }
+
+    fn validate_static_cache(&self, f: &mut Findings) {
+        let c = &self.static_cache;
+        if c.max_entries == 0 {
+            return;
+        }
+        if c.validity.is_zero() {
+            f.error(
+                "static_cache.validity",
+                "is 0s, which would check the file system on every request and cache nothing",
+                "set a validity such as \"1s\", or turn the cache off with static_cache.max_entries = 0",
+            );
+        }
+        if c.max_file_size.0 > c.max_bytes.0 {
+            f.error(
+                "static_cache.max_file_size",
+                format!(
+                    "{} is larger than static_cache.max_bytes ({})",
+                    c.max_file_size, c.max_bytes
+                ),
+                "raise static_cache.max_bytes or lower static_cache.max_file_size",
+            );
+        }
     }
 
     fn validate_listeners(&self, f: &mut Findings) {

@@ -18,33 +18,67 @@ pin_project_lite::pin_project! {
         inner: T,
         // Bytes already read while sniffing the protocol, replayed before reading `inner`.
         prefix: Bytes,
+        // An error met while topping up a read that replayed the prefix, reported by the next read.
+        deferred_error: Option<io::Error>,
         info: Arc<ConnInfo>,
     }
 }
 
 impl<T> MeteredIo<T> {
     pub fn new(inner: T, prefix: Bytes, info: Arc<ConnInfo>) -> Self {
-        MeteredIo { inner, prefix, info }
+        MeteredIo {
+            inner,
+            prefix,
+            deferred_error: None,
+            info,
+        }
     }
+}
+
+fn read_counted<T: AsyncRead>(
+    inner: Pin<&mut T>,
+    info: &ConnInfo,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    let before = buf.filled().len();
+    let res = inner.poll_read(cx, buf);
+    let n = buf.filled().len() - before;
+    if n > 0 {
+        info.add_bytes_in(n);
+        info.note_read();
+    }
+    res
 }
 
 impl<T: AsyncRead> AsyncRead for MeteredIo<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.project();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix[..n]);
-            this.prefix.advance(n);
-            return Poll::Ready(Ok(()));
+        let mut this = self.project();
+        if let Some(e) = this.deferred_error.take() {
+            return Poll::Ready(Err(e));
         }
-        let before = buf.filled().len();
-        let res = this.inner.poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            this.info.add_bytes_in(n);
-            this.info.note_read();
+        if this.prefix.is_empty() {
+            return read_counted(this.inner, this.info, cx, buf);
         }
-        res
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix[..n]);
+        this.prefix.advance(n);
+        // The sniffed bytes came off the socket too: without this, a connection's bytes in
+        // missed the start of its first request.
+        this.info.add_bytes_in(n);
+        if this.prefix.is_empty() {
+            // Release the sniffing buffer, and fill the rest of the caller's buffer now: a read that
+            // returned only the sniffed bytes would make hyper reserve room for a second read
+            // before it parsed the head, which doubles its read buffer for the connection's life.
+            *this.prefix = Bytes::new();
+            if buf.remaining() > 0 {
+                match read_counted(this.inner.as_mut(), this.info, cx, buf) {
+                    Poll::Ready(Err(e)) => *this.deferred_error = Some(e),
+                    Poll::Ready(Ok(())) | Poll::Pending => {}
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -150,8 +150,10 @@ where
                 info.set_tls(negotiated.summary);
                 info.set_state(ConnState::Idle);
                 let io = MeteredIo::new(stream, Bytes::new(), info.clone());
+                // Boxed: an HTTP/2 connection's state is several times an HTTP/1.1 one's, and inline
+                // it would size every connection's task, idle HTTP/1.1 keep-alives included.
                 return if h2 {
-                    serve_h2(io, conn, svc, Protocol::H2).await
+                    Box::pin(serve_h2(io, conn, svc, Protocol::H2)).await
                 } else {
                     serve_h1(io, conn, svc).await
                 };
@@ -170,18 +172,24 @@ where
                 Sniffed::Closed => CloseReason::ClientClosed,
                 Sniffed::Error => CloseReason::IoError,
                 Sniffed::Preface(tcp, prefix) => {
-                    serve_h2(MeteredIo::new(tcp, prefix, info.clone()), conn, svc, Protocol::H2c).await
+                    Box::pin(serve_h2(
+                        MeteredIo::new(tcp, prefix, info.clone()),
+                        conn,
+                        svc,
+                        Protocol::H2c,
+                    ))
+                    .await
                 }
                 Sniffed::Other(tcp, prefix) => serve_h1(MeteredIo::new(tcp, prefix, info.clone()), conn, svc).await,
             }
         }
         (false, true) => {
-            serve_h2(
+            Box::pin(serve_h2(
                 MeteredIo::new(tcp, Bytes::new(), info.clone()),
                 conn,
                 svc,
                 Protocol::H2c,
-            )
+            ))
             .await
         }
         _ => serve_h1(MeteredIo::new(tcp, Bytes::new(), info.clone()), conn, svc).await,
@@ -276,7 +284,7 @@ where
         Ok(upgraded) => {
             tracing::debug!(conn_id = conn.info.id, "switched to HTTP/2 via Upgrade: h2c");
             let io = h2c::Spliced::new(TokioIo::new(upgraded), pending.stream_one);
-            serve_h2(io, conn, svc, Protocol::H2c).await
+            Box::pin(serve_h2(io, conn, svc, Protocol::H2c)).await
         }
         Err(_) => CloseReason::ProtocolError,
     }

@@ -1,5 +1,6 @@
 //! Route handlers: static files, redirects, fixed responses and the built-in connection page.
 
+mod file_cache;
 mod info;
 mod static_files;
 

@@ -1,12 +1,15 @@
 //! The `static` route handler: GET/HEAD of files under a root, with validators, conditionals and ranges.
 
+use super::file_cache::FileCache;
+use crate::config::StaticCacheConfig;
 use crate::http::body::{FileBody, ResponseBody};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// httpdate panics on dates from the year 10000 on, so such a modification time gets no Last-Modified.
 const HTTP_DATE_LIMIT_SECS: u64 = 253_402_300_800;
@@ -18,6 +21,8 @@ const MAX_SEGMENT_LEN: usize = 255;
 #[derive(Clone, Debug)]
 pub struct StaticFiles {
     root: PathBuf,
+    /// Shared by the clones of one route; None when `[static_cache]` turns it off.
+    cache: Option<Arc<FileCache>>,
 }
 
 /// A resolved file: small ones already read, larger ones open and streamed.
@@ -28,22 +33,29 @@ enum FileContent {
 
 /// What a request path names, once resolved and confined to the root.
 enum Target {
-    File {
-        /// The path as requested (before symlinks), so the type follows the name the client asked for.
-        name: PathBuf,
-        content: FileContent,
-        size: u64,
-        validators: Validators,
-    },
+    File { meta: Arc<FileMeta>, content: FileContent },
     Redirect(HeaderValue),
     NotFound,
 }
 
+/// A resolved regular file: everything its responses carry except its bytes, computed once per
+/// resolution so that a cached file costs no formatting per request.
+#[derive(Debug)]
+pub(super) struct FileMeta {
+    size: u64,
+    validators: Validators,
+    /// From the path as requested (before symlinks), so the type follows the name the client asked for.
+    content_type: HeaderValue,
+}
+
 /// Validators of the selected representation.
+#[derive(Debug)]
 struct Validators {
     etag: String,
+    etag_value: Option<HeaderValue>,
     /// Truncated to whole seconds, since that is all an HTTP-date can carry and compare.
     last_modified: Option<SystemTime>,
+    last_modified_value: Option<HeaderValue>,
     /// RFC 9110 §8.8.2.2: a modification date is only a strong validator once at least a second old.
     last_modified_strong: bool,
 }
@@ -58,7 +70,7 @@ enum RangeOutcome {
 
 impl StaticFiles {
     /// `root` must be an existing directory; it is canonicalized once here.
-    pub fn new(root: &Path) -> io::Result<StaticFiles> {
+    pub fn new(root: &Path, cache: &StaticCacheConfig) -> io::Result<StaticFiles> {
         let root = std::fs::canonicalize(root)?;
         if !std::fs::metadata(&root)?.is_dir() {
             return Err(io::Error::new(
@@ -66,7 +78,10 @@ impl StaticFiles {
                 format!("static root {} is not a directory", root.display()),
             ));
         }
-        Ok(StaticFiles { root })
+        Ok(StaticFiles {
+            root,
+            cache: FileCache::new(cache).map(Arc::new),
+        })
     }
 
     /// `rel_path` is the request path with the route's prefix already stripped (it may be "" or start with "/"),
@@ -88,16 +103,27 @@ impl StaticFiles {
             return resp;
         };
 
+        // The key is the path as sent: one that was cached decoded and resolved to a file before.
+        if let Some(cache) = &self.cache {
+            if let Some((meta, body)) = cache.fresh(rel_path, Instant::now()) {
+                return respond_file(head, headers, &meta, FileContent::Small(body));
+            }
+        }
         let Some(segments) = decode_path(rel_path) else {
             return text_response(StatusCode::NOT_FOUND, "not found\n", head);
         };
-        match self.resolve(rel_path, &segments).await {
-            Ok(Target::File {
-                name,
-                content,
-                size,
-                validators,
-            }) => respond_file(head, headers, &name, content, size, &validators),
+        let resolved = self.resolve(rel_path, &segments).await;
+        if let Some(cache) = &self.cache {
+            match &resolved {
+                Ok(Target::File {
+                    meta,
+                    content: FileContent::Small(body),
+                }) => cache.insert(rel_path, meta.clone(), body.clone(), Instant::now()),
+                _ => cache.remove(rel_path),
+            }
+        }
+        match resolved {
+            Ok(Target::File { meta, content }) => respond_file(head, headers, &meta, content),
             Ok(Target::Redirect(location)) => {
                 let mut resp = Response::new(ResponseBody::empty());
                 *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
@@ -119,16 +145,18 @@ impl StaticFiles {
         let root = self.root.clone();
         let rel_path = rel_path.to_string();
         let segments = segments.to_vec();
-        tokio::task::spawn_blocking(move || resolve_blocking(&root, &rel_path, &segments))
+        let read_whole = self.cache.as_ref().map_or(SMALL_FILE, |c| c.max_file_size());
+        tokio::task::spawn_blocking(move || resolve_blocking(&root, &rel_path, &segments, read_whole))
             .await
             .map_err(io::Error::other)?
     }
 }
 
-/// Files up to this size are read whole during resolution and served from memory.
+/// Without a cache, files up to this size are read whole during resolution and served from memory.
 const SMALL_FILE: u64 = 64 * 1024;
 
-fn resolve_blocking(root: &Path, rel_path: &str, segments: &[String]) -> io::Result<Target> {
+/// Files up to `read_whole` bytes are read during resolution; larger ones are left open to stream.
+fn resolve_blocking(root: &Path, rel_path: &str, segments: &[String], read_whole: u64) -> io::Result<Target> {
     let mut name = root.to_path_buf();
     name.extend(segments);
     // "" is the route prefix itself; there is no last segment to redirect with, so it acts as "/".
@@ -162,7 +190,7 @@ fn resolve_blocking(root: &Path, rel_path: &str, segments: &[String]) -> io::Res
         return Ok(Target::NotFound);
     }
     let validators = Validators::of(&meta, SystemTime::now());
-    let (content, size) = if meta.len() <= SMALL_FILE {
+    let (content, size) = if meta.len() <= read_whole {
         let mut buf = Vec::with_capacity(meta.len() as usize);
         // A file shrinking under us is served as what could be read, so Content-Length stays true.
         io::Read::read_to_end(&mut io::Read::take(&file, meta.len()), &mut buf)?;
@@ -172,10 +200,12 @@ fn resolve_blocking(root: &Path, rel_path: &str, segments: &[String]) -> io::Res
         (FileContent::Open(tokio::fs::File::from_std(file)), meta.len())
     };
     Ok(Target::File {
-        name,
+        meta: Arc::new(FileMeta {
+            size,
+            validators,
+            content_type: content_type(&name),
+        }),
         content,
-        size,
-        validators,
     })
 }
 
@@ -269,14 +299,8 @@ fn text_response(status: StatusCode, text: &'static str, head: bool) -> Response
     resp
 }
 
-fn respond_file(
-    head: bool,
-    headers: &HeaderMap,
-    name: &Path,
-    content: FileContent,
-    size: u64,
-    validators: &Validators,
-) -> Response<ResponseBody> {
+fn respond_file(head: bool, headers: &HeaderMap, meta: &FileMeta, content: FileContent) -> Response<ResponseBody> {
+    let (size, validators) = (meta.size, &meta.validators);
     if let Some(status) = evaluate_preconditions(headers, validators) {
         return if status == StatusCode::NOT_MODIFIED {
             not_modified(validators)
@@ -319,7 +343,7 @@ fn respond_file(
     };
 
     let h = resp.headers_mut();
-    insert_string(h, header::CONTENT_TYPE, content_type(name));
+    h.insert(header::CONTENT_TYPE, meta.content_type.clone());
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if !head && len > 0 {
@@ -531,17 +555,22 @@ impl Validators {
         let lm_secs = mtime
             .map(|d| d.as_secs().min(now_secs))
             .filter(|s| *s < HTTP_DATE_LIMIT_SECS);
+        let last_modified = lm_secs.map(|s| UNIX_EPOCH + Duration::from_secs(s));
         Validators {
+            etag_value: HeaderValue::try_from(etag.as_str()).ok(),
             etag,
-            last_modified: lm_secs.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+            last_modified,
+            last_modified_value: last_modified.and_then(|lm| HeaderValue::try_from(httpdate::fmt_http_date(lm)).ok()),
             last_modified_strong: lm_secs.is_some_and(|s| s < now_secs),
         }
     }
 
     fn insert_into(&self, h: &mut HeaderMap) {
-        insert_string(h, header::ETAG, self.etag.clone());
-        if let Some(lm) = self.last_modified {
-            insert_string(h, header::LAST_MODIFIED, httpdate::fmt_http_date(lm));
+        if let Some(v) = &self.etag_value {
+            h.insert(header::ETAG, v.clone());
+        }
+        if let Some(v) = &self.last_modified_value {
+            h.insert(header::LAST_MODIFIED, v.clone());
         }
     }
 }
@@ -554,13 +583,31 @@ fn not_modified(v: &Validators) -> Response<ResponseBody> {
     resp
 }
 
-fn content_type(name: &Path) -> String {
-    match mime_guess::from_path(name).first() {
+fn content_type(name: &Path) -> HeaderValue {
+    let value = match mime_guess::from_path(name).first() {
         Some(m) if m.type_() == mime_guess::mime::TEXT => {
             format!("{}; charset=utf-8", m.essence_str())
         }
         Some(m) => m.essence_str().to_owned(),
-        None => "application/octet-stream".to_owned(),
+        None => return HeaderValue::from_static("application/octet-stream"),
+    };
+    HeaderValue::try_from(value).unwrap_or(HeaderValue::from_static("application/octet-stream"))
+}
+
+#[cfg(test)]
+impl FileMeta {
+    pub(super) fn for_test() -> FileMeta {
+        FileMeta {
+            size: 0,
+            validators: Validators {
+                etag: "\"x\"".to_string(),
+                etag_value: None,
+                last_modified: None,
+                last_modified_value: None,
+                last_modified_strong: false,
+            },
+            content_type: HeaderValue::from_static("text/plain"),
+        }
     }
 }
 
@@ -593,7 +640,7 @@ mod tests {
         std::fs::write(root.join("zero.bin"), b"").expect("write");
         std::fs::write(root.join("data.unknownext"), b"xyz").expect("write");
         std::fs::write(dir.path().join("outside.txt"), b"secret").expect("write");
-        let files = StaticFiles::new(&root).expect("new");
+        let files = StaticFiles::new(&root, &StaticCacheConfig::default()).expect("new");
         Fixture { dir, files }
     }
 
@@ -961,7 +1008,8 @@ mod tests {
     #[test]
     fn new_rejects_non_directories() {
         let f = fixture();
-        assert!(StaticFiles::new(&f.dir.path().join("outside.txt")).is_err());
-        assert!(StaticFiles::new(&f.dir.path().join("nope")).is_err());
+        let c = StaticCacheConfig::default();
+        assert!(StaticFiles::new(&f.dir.path().join("outside.txt"), &c).is_err());
+        assert!(StaticFiles::new(&f.dir.path().join("nope"), &c).is_err());
     }
 }

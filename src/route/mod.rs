@@ -4,7 +4,7 @@ mod admission;
 
 pub use admission::Admission;
 
-use crate::config::{Builtin, Config, Findings, RouteConfig};
+use crate::config::{Builtin, Config, Findings, RouteConfig, StaticCacheConfig};
 use crate::handlers::{self, StaticFiles};
 use crate::http::body::ResponseBody;
 use crate::http::{RequestBody, RequestContext};
@@ -107,7 +107,7 @@ impl RouteTable {
             .iter()
             .enumerate()
             .filter_map(|(i, r)| {
-                let mut route = compile(i, r, f)?;
+                let mut route = compile(i, r, &config.static_cache, f)?;
                 route.rate_limit = r.rate_limit.as_deref().and_then(|n| admission.limit_index(n));
                 Some(route)
             })
@@ -120,9 +120,9 @@ impl RouteTable {
     }
 }
 
-fn compile(i: usize, r: &RouteConfig, f: &mut Findings) -> Option<Route> {
+fn compile(i: usize, r: &RouteConfig, cache: &StaticCacheConfig, f: &mut Findings) -> Option<Route> {
     let handler = if let Some(dir) = &r.static_dir {
-        match StaticFiles::new(dir) {
+        match StaticFiles::new(dir, cache) {
             Ok(s) => Handler::Static(s),
             Err(e) => {
                 f.error(
