@@ -513,88 +513,32 @@ async fn environment_switches_are_listed_and_an_unreachable_server_exits_2() {
 /// version (`listen ... ssl http2` before 1.25.1, `http2 on;` since).
 #[tokio::test]
 async fn nginx_without_and_with_http2_is_told_apart_and_the_nginx_fix_named() {
-    let version = Command::new("nginx")
-        .arg("-v")
-        .output()
-        .expect("nginx is installed (.ci/run installs nginx-light)");
-    let v = String::from_utf8_lossy(&version.stderr).into_owned();
-    let num: Vec<u32> = v
-        .split('/')
-        .nth(1)
-        .unwrap_or("0")
-        .split_whitespace()
-        .next()
-        .unwrap_or("0")
-        .split('.')
-        .map(|p| p.parse().unwrap_or(0))
-        .collect();
-    let http2_on = num >= vec![1, 25, 1];
-
+    let http2_on = crate::common::nginx::version() >= vec![1, 25, 1];
     let pki = Pki::new();
     let (cert, key) = pki.leaf("localhost", &["localhost"]);
-    let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
+    let ports = [crate::common::nginx::free_port(), crate::common::nginx::free_port()];
     let h2 = if http2_on {
         format!("listen 127.0.0.1:{} ssl;\n http2 on;", ports[1])
     } else {
         format!("listen 127.0.0.1:{} ssl http2;", ports[1])
     };
-    let d = dir.path().display();
-    let conf = format!(
-        "worker_processes 1;\nmaster_process off;\nevents {{ worker_connections 64; }}\n\
-         http {{\n access_log off;\n client_body_temp_path {d}/cb; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
-         ssl_certificate {}; ssl_certificate_key {};\n\
-         server {{ listen 127.0.0.1:{} ssl; location / {{ return 200 \"ok\\n\"; }} }}\n\
-         server {{ {h2} location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
-        cert.display(),
-        key.display(),
-        ports[0]
-    );
-    let conf_path = dir.path().join("nginx.conf");
-    std::fs::write(&conf_path, conf).unwrap();
-    let mut child = Command::new("nginx")
-        .arg("-p")
-        .arg(dir.path())
-        .arg("-c")
-        .arg(&conf_path)
-        .args(["-e", "stderr", "-g"])
-        .arg(format!("daemon off; pid {d}/nginx.pid; error_log stderr;"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("nginx starts");
-    // Wait until both ports accept connections (nginx prints nothing when it is ready).
-    for port in &ports {
-        let mut ok = false;
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", *port)).await.is_ok() {
-                ok = true;
-                break;
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                use std::io::Read;
-                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-                panic!("nginx exited with {status}:\n{err}");
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-        assert!(ok, "nginx did not listen on {port}");
-    }
+    let nginx = crate::common::nginx::Nginx::start(
+        &format!(
+            "ssl_certificate {}; ssl_certificate_key {};\n\
+             server {{ listen 127.0.0.1:{} ssl; location / {{ return 200 \"ok\\n\"; }} }}\n\
+             server {{ {h2} location / {{ return 200 \"ok\\n\"; }} }}",
+            cert.display(),
+            key.display(),
+            ports[0]
+        ),
+        &ports,
+    )
+    .await;
     let ca = pki.ca_path();
     let ca = ca.to_str().unwrap();
     let (code1, text) = doctor(&[&format!("https://localhost:{}/", ports[0]), "--cacert", ca], &[]).await;
     let (code2, v) = doctor_json(&[&format!("https://localhost:{}/", ports[1]), "--cacert", ca], &[]).await;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(nginx);
     assert_eq!(code1, 1, "{text}");
     assert!(
         text.contains("chosen http/1.1") && text.contains("server: nginx"),

@@ -1099,3 +1099,62 @@ async fn balancing_spreads_requests_over_servers() {
         srv.stop().await;
     }
 }
+
+/// nginx as the upstream, the third-party server gatehouse is most often put in front of:
+/// its `keepalive_requests` limit ends an HTTP/1.1 connection with `Connection: close` and an
+/// HTTP/2 one with GOAWAY. 300 sequential requests over each reuse a handful of connections,
+/// none fails, and every new connection is counted with the reason nginx gave.
+#[tokio::test]
+async fn nginx_upstream_keepalive_limits_are_followed_and_counted() {
+    use crate::common::nginx::{free_port, version, Nginx};
+    let (h1, h2) = (free_port(), free_port());
+    let h2_listen = if version() >= vec![1, 25, 1] {
+        format!("listen 127.0.0.1:{h2};\n http2 on;")
+    } else {
+        format!("listen 127.0.0.1:{h2} http2;")
+    };
+    let _nginx = Nginx::start(
+        &format!(
+            "keepalive_requests 100;\n\
+             server {{ listen 127.0.0.1:{h1}; location / {{ return 200 \"nginx h1\\n\"; }} }}\n\
+             server {{ {h2_listen} location / {{ return 200 \"nginx h2\\n\"; }} }}"
+        ),
+        &[h1, h2],
+    )
+    .await;
+    let srv = TestServer::start(&format!(
+        "{LISTENER}\
+         [[upstreams]]\nname = \"one\"\nservers = [\"127.0.0.1:{h1}\"]\nprotocol = \"http/1.1\"\n\
+         [[upstreams]]\nname = \"two\"\nservers = [\"127.0.0.1:{h2}\"]\nprotocol = \"h2c\"\n\
+         [[routes]]\npath = \"/one\"\nproxy = \"one\"\n\
+         [[routes]]\npath = \"/two\"\nproxy = \"two\"\n"
+    ))
+    .await;
+    let c = client(false);
+    for (path, body) in [("one", "nginx h1\n"), ("two", "nginx h2\n")] {
+        for i in 0..300 {
+            let resp = c
+                .get(format!("http://{}/{path}/{i}", srv.addr("c")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "request {i} to {path}");
+            assert_eq!(resp.text().await.unwrap(), body);
+        }
+    }
+    let reason = |upstream: &str, r: &str| {
+        srv.metric(&series(
+            "upstream_new_connection_reasons_total",
+            &format!("upstream=\"{upstream}\",reason=\"{r}\""),
+        ))
+    };
+    assert_eq!(reason("one", "pool_empty"), 1.0);
+    assert_eq!(
+        reason("one", "connection_close_header"),
+        2.0,
+        "nginx closes after 100 requests"
+    );
+    assert_eq!(reason("two", "pool_empty"), 1.0);
+    assert_eq!(reason("two", "goaway"), 2.0, "nginx sends GOAWAY after 100 streams");
+    srv.stop().await;
+}

@@ -3,6 +3,7 @@
 
 pub mod binary;
 pub mod h2raw;
+pub mod nginx;
 
 use gatehouse::config::{load_str, Findings};
 use gatehouse::route::{RouteTable, Router};
