@@ -6,183 +6,22 @@
 use crate::common;
 
 use bytes::Bytes;
-use common::{Pki, TestServer};
+use common::upstream::*;
+use common::Pki;
 use http::{Request, Response};
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Frame;
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Resp = Response<BoxBody<Bytes, BoxError>>;
-type Handler = Arc<dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Resp> + Send>> + Send + Sync>;
-
-fn handler<F, Fut>(f: F) -> Handler
-where
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Resp> + Send + 'static,
-{
-    Arc::new(move |req| Box::pin(f(req)))
-}
-
 fn reply(status: u16, body: impl Into<Bytes>) -> Resp {
     let mut r = Response::new(Full::new(body.into()).map_err(|e: Infallible| match e {}).boxed());
     *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
     r
-}
-
-type FrameTx = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
-
-/// A response body whose frames the test sends through a channel.
-struct ChannelBody(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>);
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.0.poll_recv(cx)
-    }
-}
-
-fn channel_body() -> (FrameTx, BoxBody<Bytes, BoxError>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    (tx, ChannelBody(rx).boxed())
-}
-
-#[derive(Clone)]
-enum Kind {
-    H1,
-    H2c,
-    Tls(Arc<rustls::ServerConfig>),
-}
-
-/// An upstream server on loopback; `kill` closes its listener and every connection at once.
-/// `requests` counts requests other than health checks.
-struct Backend {
-    addr: SocketAddr,
-    requests: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Backend {
-    async fn start(kind: Kind, h: Handler) -> Backend {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let requests = Arc::new(AtomicUsize::new(0));
-        let counted = requests.clone();
-        let h: Handler = Arc::new(move |req: Request<Incoming>| {
-            if req.uri().path() != "/healthz" {
-                counted.fetch_add(1, SeqCst);
-            }
-            h(req)
-        });
-        let task = tokio::spawn(async move {
-            // Owned here: aborting this task drops every connection task with it.
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    r = listener.accept() => {
-                        let Ok((tcp, _)) = r else { continue };
-                        conns.spawn(serve(kind.clone(), tcp, h.clone()));
-                    }
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
-        });
-        Backend { addr, requests, task }
-    }
-
-    fn requests(&self) -> usize {
-        self.requests.load(SeqCst)
-    }
-
-    fn kill(&self) {
-        self.task.abort();
-    }
-}
-
-async fn serve(kind: Kind, tcp: tokio::net::TcpStream, h: Handler) {
-    let svc = hyper::service::service_fn(move |req| {
-        let h = h.clone();
-        async move { Ok::<_, Infallible>(h(req).await) }
-    });
-    match kind {
-        Kind::H1 => {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        }
-        Kind::H2c => {
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        }
-        Kind::Tls(config) => {
-            let Ok(tls) = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await else {
-                return;
-            };
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), svc)
-                .await;
-        }
-    }
-}
-
-/// A TLS server config for `localhost` from `pki`, offering only `h2`.
-fn tls_server(pki: &Pki) -> Arc<rustls::ServerConfig> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let (cert, key) = pki.leaf("upstream", &["localhost"]);
-    let certs = CertificateDer::pem_file_iter(&cert)
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(&key).unwrap();
-    let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    c.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(c)
-}
-
-const LISTENER: &str = "[[listeners]]\nname = \"c\"\naddress = \"127.0.0.1:0\"\nprotocols = [\"http/1.1\", \"h2c\"]\n";
-
-/// A proxy with `/` proxied to upstream `api` = `servers`, plus `extra` keys and sections.
-async fn proxy(servers: &[SocketAddr], extra: &str) -> TestServer {
-    let list: Vec<String> = servers.iter().map(|a| format!("\"{a}\"")).collect();
-    TestServer::start(&format!(
-        "{LISTENER}[[routes]]\nproxy = \"api\"\n[[upstreams]]\nname = \"api\"\nservers = [{}]\n{extra}\n",
-        list.join(", ")
-    ))
-    .await
-}
-
-fn client(http2: bool) -> reqwest::Client {
-    let b = reqwest::Client::builder().no_proxy();
-    let b = if http2 {
-        b.http2_prior_knowledge()
-    } else {
-        b.http1_only()
-    };
-    b.build().unwrap()
-}
-
-fn series(name: &str, labels: &str) -> String {
-    format!("gatehouse_{name}{{{labels}}}")
 }
 
 fn server_labels(addr: SocketAddr) -> String {
@@ -198,16 +37,6 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("never happened within 10s: {what}");
-}
-
-async fn access_log(srv: &TestServer, want: &str) -> String {
-    let mut log = String::new();
-    eventually(&format!("access log contains {want}"), || {
-        log = std::fs::read_to_string(&srv.access_log).unwrap_or_default();
-        log.contains(want)
-    })
-    .await;
-    log
 }
 
 /// An upstream dies while streaming a response: the client's response is visibly broken, and
@@ -543,7 +372,7 @@ async fn active_health_checks_take_servers_out_and_back_h2_over_tls() {
         "protocol = \"h2\"\ntls = {{ server_name = \"localhost\", ca = \"{}\" }}",
         pki.ca_path().display()
     );
-    active_health(Kind::Tls(tls_server(&pki)), &keys).await;
+    active_health(Kind::Tls(tls_server(&pki, &["h2"])), &keys).await;
 }
 
 /// Both servers always answer 503: with `budget = 0.2` and up to two retries a request, 200

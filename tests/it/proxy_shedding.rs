@@ -87,7 +87,7 @@ impl Drop for Upstream {
     }
 }
 
-const LISTENER: &str = "[[listeners]]\nname = \"c\"\naddress = \"127.0.0.1:0\"\nprotocols = [\"http/1.1\", \"h2c\"]\n";
+use crate::common::upstream::LISTENER;
 const PREMIUM: &str =
     "[[traffic_classes]]\nname = \"premium\"\nheader = \"x-traffic-class\"\nvalue = \"premium\"\nshed_order = 2\n";
 

@@ -4,6 +4,7 @@
 pub mod binary;
 pub mod h2raw;
 pub mod nginx;
+pub mod upstream;
 
 use gatehouse::config::{load_str, Findings};
 use gatehouse::route::{RouteTable, Router};
