@@ -4,6 +4,7 @@
 //! In-flight load is made by an upstream that holds `/slow` requests until the test releases
 //! them; the test waits until the upstream has them all before it measures anything.
 
+use crate::common::upstream::LISTENER;
 use crate::common::TestServer;
 
 use bytes::Bytes;
@@ -87,7 +88,6 @@ impl Drop for Upstream {
     }
 }
 
-use crate::common::upstream::LISTENER;
 const PREMIUM: &str =
     "[[traffic_classes]]\nname = \"premium\"\nheader = \"x-traffic-class\"\nvalue = \"premium\"\nshed_order = 2\n";
 
