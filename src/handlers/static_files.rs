@@ -28,7 +28,7 @@ pub struct StaticFiles {
 /// A resolved file: small ones already read, larger ones open and streamed.
 enum FileContent {
     Small(Bytes),
-    Open(tokio::fs::File),
+    Open(std::fs::File),
 }
 
 /// What a request path names, once resolved and confined to the root.
@@ -197,7 +197,7 @@ fn resolve_blocking(root: &Path, rel_path: &str, segments: &[String], read_whole
         let size = buf.len() as u64;
         (FileContent::Small(Bytes::from(buf)), size)
     } else {
-        (FileContent::Open(tokio::fs::File::from_std(file)), meta.len())
+        (FileContent::Open(file), meta.len())
     };
     Ok(Target::File {
         meta: Arc::new(FileMeta {

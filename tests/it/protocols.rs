@@ -18,7 +18,16 @@ fn static_site() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("index.html"), "<h1>home</h1>\n").unwrap();
     std::fs::write(dir.path().join("data.txt"), "0123456789abcdefghij").unwrap();
+    std::fs::write(dir.path().join("large.bin"), large_file()).unwrap();
     dir
+}
+
+/// Larger than the open-file cache keeps and several read chunks long, with no repeating
+/// pattern a chunk boundary error could hide in.
+fn large_file() -> Vec<u8> {
+    (0..300_007u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
 }
 
 #[tokio::test]
@@ -70,14 +79,34 @@ async fn static_file_over_http1_h2_and_h2c() {
         assert_eq!(ranged.text().await.unwrap(), "2345");
         let cond = client.get(&url).header("if-none-match", etag).send().await.unwrap();
         assert_eq!(cond.status(), 304);
+
+        // A file streamed in chunks arrives whole, and a range across chunk boundaries exactly.
+        let large = large_file();
+        let url = url.replace("data.txt", "large.bin");
+        let resp = client.get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-length"], "300007");
+        assert!(resp.bytes().await.unwrap() == large[..], "{url}: body differs");
+        let ranged = client
+            .get(&url)
+            .header("range", "bytes=65000-200000")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ranged.status(), 206);
+        assert_eq!(ranged.headers()["content-range"], "bytes 65000-200000/300007");
+        assert!(
+            ranged.bytes().await.unwrap() == large[65000..=200000],
+            "{url}: range differs"
+        );
     }
     assert_eq!(
         srv.metric(r#"gatehouse_requests_total{listener="tls",protocol="h2",method="GET",status="200"}"#),
-        1.0
+        2.0
     );
     assert_eq!(
         srv.metric(r#"gatehouse_requests_total{listener="clear",protocol="h2c",method="GET",status="206"}"#),
-        1.0
+        2.0
     );
     srv.stop().await;
 }
