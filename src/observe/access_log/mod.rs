@@ -141,8 +141,10 @@ impl AccessLog {
         // but a thread being torn down has none: build in a fresh one then.
         let mut build = Some(build);
         let _ = SCRATCH.try_with(|s| {
-            if let (Ok(mut scratch), Some(build)) = (s.try_borrow_mut(), build.take()) {
-                build(&mut scratch);
+            if let Ok(mut scratch) = s.try_borrow_mut() {
+                if let Some(build) = build.take() {
+                    build(&mut scratch);
+                }
             }
         });
         if let Some(build) = build {
