@@ -229,6 +229,22 @@ impl ServerHandle {
 /// reading the answer to `POST /upgrade`) before it exits.
 const OWED_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a stopping server waits for the access log's writer to write the lines it holds:
+/// normally a few milliseconds; longer only when the sink itself is stalled (a full pipe), and
+/// then exiting is worth more than those lines, which are reported as not written.
+const ACCESS_LOG_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Writes the access log lines of every request that has ended (see [`ACCESS_LOG_FLUSH_TIMEOUT`]).
+/// Blocks: call it off the runtime.
+fn flush_access_logs(live: &Live) {
+    if !live.flush_access_logs(ACCESS_LOG_FLUSH_TIMEOUT) {
+        tracing::warn!(
+            timeout_ms = ACCESS_LOG_FLUSH_TIMEOUT.as_millis() as u64,
+            "access log: the sink did not take every line before exit; those lines are lost"
+        );
+    }
+}
+
 /// A server with its listeners bound, ready to serve.
 pub struct Server {
     prepared: Prepared,
@@ -509,6 +525,7 @@ impl Server {
             .build()
             .map_err(|e| StartError::Other(format!("cannot start control runtime: {e}")))?;
         let handle = self.handle.clone();
+        let live = self.handle.live.clone();
         let result = control_rt.block_on(async move {
             let local = tokio::task::LocalSet::new();
             local
@@ -521,6 +538,8 @@ impl Server {
         for t in threads {
             let _ = t.join();
         }
+        // A connection the drain deadline cut may have ended its request after the drain's flush.
+        flush_access_logs(&live);
         result
     }
 
@@ -718,6 +737,9 @@ impl Server {
         if let Some(export) = export {
             export.flush_and_stop().await;
         }
+        // Every request has ended, so every access log line is recorded: write them all.
+        let live = handle.live.clone();
+        let _ = tokio::task::spawn_blocking(move || flush_access_logs(&live)).await;
         if tokio::time::timeout(OWED_ANSWER_TIMEOUT, handle.owed.settled())
             .await
             .is_err()

@@ -13,7 +13,6 @@ use super::head::check_head;
 use super::request_body::{BodyFault, BodyState, RequestBody};
 use super::{HttpService, ServiceBody};
 use crate::conn::{h2c, CloseReason, ConnInfo, ConnShared, PendingH2c, Protocol};
-use crate::observe::access_log::{json_num, json_str, now_rfc3339};
 use crate::observe::metrics::{method_label, ListenerLabels, ProtocolLabels, RequestLabels};
 use crate::observe::otel::{RequestSpan, SpanEnd};
 use crate::observe::Switch;
@@ -546,37 +545,27 @@ impl Record {
             })
             .observe(elapsed.as_secs_f64());
         let log = listener.access_log.load();
-        if log.enabled() {
+        log.record(|line| {
             let info = &self.conn.info;
             let tls = info.tls();
-            let mut line = String::with_capacity(384);
-            line.push('{');
-            json_str(&mut line, "ts", &now_rfc3339());
-            json_num(&mut line, "conn_id", info.id);
-            json_str(&mut line, "req_id", &self.req_id());
-            json_str(&mut line, "listener", &listener.name.0);
-            json_str(&mut line, "remote", &info.peer.to_string());
-            json_str(&mut line, "protocol", protocol);
-            json_str(&mut line, "tls_version", tls.map_or("", |t| t.version));
-            json_str(&mut line, "alpn", tls.and_then(|t| t.alpn.as_deref()).unwrap_or(""));
-            json_str(&mut line, "method", self.method.as_str());
-            json_str(&mut line, "host", &self.host);
-            json_str(&mut line, "path", &self.path);
-            json_num(&mut line, "status", self.status);
-            json_num(&mut line, "bytes_in", self.body.bytes());
-            json_num(&mut line, "bytes_out", self.bytes_out);
-            json_num(
-                &mut line,
-                "duration_ms",
-                format_args!("{:.3}", elapsed.as_secs_f64() * 1000.0),
-            );
-            if let Some(e) = error {
-                json_str(&mut line, "error", &e);
+            line.num("conn_id", info.id);
+            line.dashed("req_id", info.id, self.seq);
+            line.str("listener", &listener.name.0);
+            line.addr("remote", info.peer);
+            line.str("protocol", protocol);
+            line.str("tls_version", tls.map_or("", |t| t.version));
+            line.str("alpn", tls.and_then(|t| t.alpn.as_deref()).unwrap_or(""));
+            line.str("method", self.method.as_str());
+            line.str("host", &self.host);
+            line.str("path", &self.path);
+            line.num("status", u64::from(self.status));
+            line.num("bytes_in", self.body.bytes());
+            line.num("bytes_out", self.bytes_out);
+            line.millis("duration_ms", elapsed);
+            if let Some(e) = &error {
+                line.str("error", e);
             }
-            line.pop();
-            line.push('}');
-            log.write(line);
-        }
+        });
         self.conn.info.request_finished();
     }
 }

@@ -25,6 +25,7 @@ pub use plan::{plan, ListenerChange, Plan};
 use crate::config::{self, Config, ConfigSource, Finding, Findings, ListenerConfig, Severity};
 use crate::conn::{ConnSettings, ProtocolPolicy};
 use crate::listen::{ClosingListener, ConnLimits, ListenerCommon, ListenerSet, Origin};
+use crate::observe::access_log::Flusher;
 use crate::observe::metrics::ResultLabels;
 use crate::observe::{AccessLog, Metrics, PeerFilter, Switch, SwitchSet, Switches};
 use crate::route::{RouteTable, Router};
@@ -118,6 +119,8 @@ pub struct Live {
     common: ListenerCommon,
     /// The access log in force, for listeners added by a reload.
     access_log: ArcSwap<AccessLog>,
+    /// Access logs a reload replaced whose writers may still hold lines, for the final flush.
+    retired_logs: Mutex<Vec<Flusher>>,
     limits: Arc<ConnLimits>,
     switches: Switches,
     metrics: Metrics,
@@ -182,6 +185,7 @@ impl Live {
             listeners,
             common,
             access_log: ArcSwap::new(access_log),
+            retired_logs: Mutex::new(Vec::new()),
             limits,
             switches,
             metrics,
@@ -194,6 +198,19 @@ impl Live {
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// Writes every access log line recorded so far, by the log in force and by those a reload
+    /// replaced, waiting at most `timeout` (blocking); returns whether all were written.
+    pub(crate) fn flush_access_logs(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let retired = self.retired_logs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let current = self.access_log.load_full().flusher();
+        let mut all = true;
+        for log in retired.iter().chain(&current) {
+            all &= log.flush(deadline.saturating_duration_since(std::time::Instant::now()));
+        }
+        all
     }
 
     /// The listeners in force.
@@ -441,7 +458,10 @@ impl Live {
             }
         }
         if let Some(log) = access_log {
-            self.access_log.store(log);
+            let old = self.access_log.swap(log);
+            let mut retired = self.retired_logs.lock().unwrap_or_else(|p| p.into_inner());
+            retired.retain(Flusher::is_live);
+            retired.extend(old.flusher());
         }
         let (listeners, closing, warnings_listeners) = self.swap_listeners(&plan, &config, tls, sockets, &settings);
         self.limits

@@ -2,6 +2,7 @@
 
 mod common;
 
+mod access_log;
 mod axum_example;
 mod check;
 mod cli;
