@@ -431,6 +431,13 @@ impl Lease {
             self.pool.note_lost("connection_close_header");
             return;
         }
+        // A small response is usually read to its end by the connection's task before this
+        // request's task sees its head, and the connection is then ready already: it goes back
+        // now, without a task (and its allocation and scheduling) per request.
+        if sender.is_ready() {
+            self.pool.put_idle(sender, closed);
+            return;
+        }
         let pool = self.pool.clone();
         tokio::spawn(async move {
             match sender.ready().await {
