@@ -200,6 +200,11 @@ impl ServerPool {
     }
 
     /// A connection for one request: pooled if one can take it, else a new one.
+    ///
+    /// Opening a connection (TCP, TLS, the HTTP handshake) is a large future, and every
+    /// request's future would carry room for it (twice: a request may check out again after a
+    /// keep-alive race) and be copied whole into its box by the router. It is boxed here
+    /// instead, where a new connection costs far more than one allocation anyway.
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, ConnectError> {
         let reason = match self.take_pooled() {
             Ok(lease) => return Ok(lease),
@@ -213,9 +218,9 @@ impl ServerPool {
                 Err("pool_empty") => reason,
                 Err(r) => r,
             };
-            self.open(reason).await
+            Box::pin(self.open(reason)).await
         } else {
-            self.open(reason).await
+            Box::pin(self.open(reason)).await
         }
     }
 
