@@ -5,6 +5,7 @@ use super::upstream::{HostRewrite, UpstreamSpec};
 use crate::http::RequestContext;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Uri, Version};
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 /// Fields that describe one connection, never the message (RFC 9110 §7.6.1), plus the
@@ -21,13 +22,19 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// Removes the hop-by-hop fields and every field that `Connection` names. Returns whether the
 /// message asked for `TE: trailers`, the one `TE` value that means something end to end (the
 /// sender accepts trailers) and that HTTP/2 allows.
+///
+/// Runs twice per proxied request, so the usual case allocates nothing: `Connection` mostly
+/// lists only `keep-alive` or `upgrade`, fields that go anyway, and only a token naming another
+/// field is collected.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h.as_str())))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     let te_trailers = headers
         .get_all(header::TE)
@@ -68,12 +75,25 @@ fn via_value(version: Version) -> &'static str {
 
 /// Appends this hop to `Via`, as received in `version`.
 pub fn append_via(headers: &mut HeaderMap, version: Version) {
-    debug_assert!(via_value(version).ends_with(VIA_NAME));
-    append(headers, header::VIA, via_value(version));
+    let via = via_value(version);
+    debug_assert!(via.ends_with(VIA_NAME));
+    if headers.contains_key(header::VIA) {
+        append(headers, header::VIA, via);
+    } else {
+        // The usual case, on every request and response: no copy of the value.
+        headers.insert(header::VIA, HeaderValue::from_static(via));
+    }
 }
 
 /// Appends `value` to a list field, folding every earlier line of it into one (RFC 9110 §5.3).
 fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if !headers.contains_key(&name) {
+        // The first hop: nothing to fold, and no list to build.
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+        return;
+    }
     let mut all: Vec<&str> = headers
         .get_all(&name)
         .iter()
@@ -88,18 +108,24 @@ fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     }
 }
 
-/// A `Forwarded` parameter value: a token as is, anything else as a quoted string (RFC 7239 §4),
-/// which IPv6 addresses (in brackets) and `host:port` always need.
-fn forwarded_value(v: &str) -> String {
+/// Writes a `Forwarded` parameter value to `out`: a token as is, anything else as a quoted
+/// string (RFC 7239 §4), which IPv6 addresses (in brackets) and `host:port` always need.
+fn push_forwarded_value(out: &mut String, v: &str) {
     let token = !v.is_empty()
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if token {
-        v.to_string()
-    } else {
-        let escaped = v.replace('\\', "\\\\").replace('"', "\\\"");
-        format!("\"{escaped}\"")
+        out.push_str(v);
+        return;
     }
+    out.push('"');
+    for c in v.chars() {
+        if matches!(c, '\\' | '"') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 /// The client's host as it asked for it: HTTP/2 `:authority`, else `Host`.
@@ -123,7 +149,12 @@ pub fn to_upstream(
 ) -> Result<(), &'static str> {
     let received = parts.version;
     let original_host = client_host(&parts.uri, &parts.headers);
-    let trace = trace_context(&parts.headers);
+    // Only a `Connection` field can make the stripping below take the trace context.
+    let trace = if parts.headers.contains_key(header::CONNECTION) {
+        trace_context(&parts.headers)
+    } else {
+        [None, None]
+    };
     let te_trailers = strip_hop_by_hop(&mut parts.headers);
     if te_trailers {
         parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -136,18 +167,29 @@ pub fn to_upstream(
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        append(
-            &mut parts.headers,
-            HeaderName::from_static("x-forwarded-for"),
-            &ip.to_string(),
-        );
+        // Both values are written straight into one buffer each (no intermediate strings): this
+        // runs for every proxied request.
+        let mut fwd = String::with_capacity(96);
+        fwd.push_str("for=");
+        match ip {
+            // Dotted digits are a token; an IPv6 node is `"[...]"`, a quoted string.
+            IpAddr::V4(v4) => {
+                let _ = write!(fwd, "{v4}");
+            }
+            IpAddr::V6(v6) => {
+                let _ = write!(fwd, "\"[{v6}]\"");
+            }
+        }
         let node = match ip {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => format!("[{v6}]"),
+            IpAddr::V4(_) => &fwd["for=".len()..],
+            IpAddr::V6(_) => &fwd["for=\"[".len()..fwd.len() - "]\"".len()],
         };
-        let mut fwd = format!("for={};proto={proto}", forwarded_value(&node));
+        append(&mut parts.headers, HeaderName::from_static("x-forwarded-for"), node);
+        fwd.push_str(";proto=");
+        fwd.push_str(proto);
         if let Some(h) = original_host.as_ref().and_then(|h| h.to_str().ok()) {
-            fwd.push_str(&format!(";host={}", forwarded_value(h)));
+            fwd.push_str(";host=");
+            push_forwarded_value(&mut fwd, h);
         }
         append(&mut parts.headers, header::FORWARDED, &fwd);
     }
@@ -163,7 +205,7 @@ pub fn to_upstream(
         HostRewrite::Upstream => HeaderValue::from_str(server).map_err(|_| "the server address is not a Host value")?,
         HostRewrite::Fixed(v) => v.clone(),
     };
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     if h2 {
         // HTTP/2 carries the host in `:authority`, taken from the URI; a `Host` field beside it
         // would only be a second, possibly conflicting, copy (RFC 9113 §8.3.1).
@@ -176,7 +218,11 @@ pub fn to_upstream(
         parts.version = Version::HTTP_2;
     } else {
         parts.headers.insert(header::HOST, host);
-        parts.uri = path.parse().map_err(|_| "the path cannot form a URI")?;
+        // An HTTP/1.1 client's URI is already in origin form: only an absolute-form (or HTTP/2)
+        // URI needs rebuilding.
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            parts.uri = path.parse().map_err(|_| "the path cannot form a URI")?;
+        }
         parts.version = Version::HTTP_11;
         if let Some(up) = upgrade {
             parts
@@ -234,6 +280,12 @@ mod tests {
         assert!(strip_hop_by_hop(&mut h));
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-kept"]);
+    }
+
+    fn forwarded_value(v: &str) -> String {
+        let mut out = String::new();
+        push_forwarded_value(&mut out, v);
+        out
     }
 
     #[test]

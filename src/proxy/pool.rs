@@ -200,6 +200,11 @@ impl ServerPool {
     }
 
     /// A connection for one request: pooled if one can take it, else a new one.
+    ///
+    /// Opening a connection (TCP, TLS, the HTTP handshake) is a large future, and every
+    /// request's future would carry room for it (twice: a request may check out again after a
+    /// keep-alive race) and be copied whole into its box by the router. It is boxed here
+    /// instead, where a new connection costs far more than one allocation anyway.
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, ConnectError> {
         let reason = match self.take_pooled() {
             Ok(lease) => return Ok(lease),
@@ -213,9 +218,9 @@ impl ServerPool {
                 Err("pool_empty") => reason,
                 Err(r) => r,
             };
-            self.open(reason).await
+            Box::pin(self.open(reason)).await
         } else {
-            self.open(reason).await
+            Box::pin(self.open(reason)).await
         }
     }
 
@@ -429,6 +434,13 @@ impl Lease {
         };
         if will_close {
             self.pool.note_lost("connection_close_header");
+            return;
+        }
+        // A small response is usually read to its end by the connection's task before this
+        // request's task sees its head, and the connection is then ready already: it goes back
+        // now, without a task (and its allocation and scheduling) per request.
+        if sender.is_ready() {
+            self.pool.put_idle(sender, closed);
             return;
         }
         let pool = self.pool.clone();

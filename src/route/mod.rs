@@ -267,14 +267,16 @@ async fn route(
             None
         }
     });
-    let Some(limit) = found.as_ref().and_then(|(r, _)| r.rate_limit) else {
-        return dispatch(table, gateway, resilience, found, req).await;
-    };
     // Before the handler (and before the body is read): a refused request costs nothing more.
-    let admitted = match table.admission.check_rate(limit, &req, resilience) {
-        Ok(admitted) => admitted,
-        Err(limited) => return *limited,
+    let admitted = match found.as_ref().and_then(|(r, _)| r.rate_limit) {
+        None => None,
+        Some(limit) => match table.admission.check_rate(limit, &req, resilience) {
+            Ok(admitted) => admitted,
+            Err(limited) => return *limited,
+        },
     };
+    // One await of `dispatch`, not one per branch: each await point would hold a copy of its
+    // (large) future in this one, which the router copies into a box for every request.
     let mut resp = dispatch(table, gateway, resilience, found, req).await;
     if let Some(a) = admitted {
         a.add_headers(resp.headers_mut());
