@@ -69,6 +69,11 @@ impl<S> Pipeline<S> {
     }
 }
 
+// The service is never pinned in place: each request calls a clone of it from its own future. So
+// the pipeline can move while a hyper connection runs, which is what lets an idle HTTP/1.1
+// connection be taken apart (`into_parts`) and its buffers released.
+impl<S> Unpin for Pipeline<S> {}
+
 impl<S: Clone> Clone for Pipeline<S> {
     fn clone(&self) -> Self {
         Pipeline {
@@ -92,7 +97,31 @@ where
     type Error = Infallible;
     type Future = PipelineFuture<B>;
 
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        // hyper puts an `OnUpgrade` in every HTTP/1.1 request that could switch protocols (an
+        // `Upgrade` header, CONNECT). On a connection that does not support upgrades yet, the
+        // answer waits until the connection task has switched (see `UpgradeGate`).
+        let gated = !self.conn.upgrades.is_open()
+            && req.extensions().get::<hyper::upgrade::OnUpgrade>().is_some()
+            && self.conn.info.protocol() == Protocol::Http11;
+        let answer = self.respond(req);
+        if !gated {
+            return answer;
+        }
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            std::future::poll_fn(|cx| conn.upgrades.poll_open(cx)).await;
+            answer.await
+        })
+    }
+}
+
+impl<S, B> Pipeline<S>
+where
+    S: HttpService<B> + tower_service::Service<Request<RequestBody>, Response = Response<B>>,
+    B: ServiceBody,
+{
+    fn respond(&self, mut req: Request<Incoming>) -> PipelineFuture<B> {
         let conn = &self.conn;
         let protocol = conn.info.protocol();
         let settings = conn.listener.settings.load();
