@@ -197,7 +197,8 @@ where
                     }
                     if this.conn.upgrades.take_wanted() {
                         // A request that could upgrade waits for this switch before it answers.
-                        let State::Plain(hconn) = std::mem::replace(&mut this.state, State::Done(None, PhantomData)) else {
+                        let State::Plain(hconn) = std::mem::replace(&mut this.state, State::Done(None, PhantomData))
+                        else {
                             unreachable!("matched above");
                         };
                         this.state = State::Upgradeable(Box::pin((*hconn).with_upgrades()));

@@ -1,7 +1,7 @@
 //! One connection from accept to close: TLS, protocol selection, serving, and the close reason.
 
-use super::h2watch::H2Watch;
 use super::h1::serve_h1;
+use super::h2watch::H2Watch;
 use super::io::MeteredIo;
 use super::watchdog::{self, Verdict};
 use super::{CloseReason, ConnInfo, ConnShared, ConnState, ListenerShared, Protocol};
@@ -14,8 +14,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -136,7 +136,12 @@ where
 }
 
 /// A TLS connection: the handshake, then HTTP/2 or HTTP/1.1 as ALPN decided.
-async fn serve_tls<S, B>(tcp: TcpStream, conn: &Arc<ConnShared>, svc: S, handshake_timeout: std::time::Duration) -> CloseReason
+async fn serve_tls<S, B>(
+    tcp: TcpStream,
+    conn: &Arc<ConnShared>,
+    svc: S,
+    handshake_timeout: std::time::Duration,
+) -> CloseReason
 where
     S: HttpService<B>,
     B: ServiceBody,
