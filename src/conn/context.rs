@@ -84,6 +84,9 @@ pub struct UpgradeGate {
     /// A request that could upgrade waits for `open`; the connection task takes this flag.
     wanted: AtomicBool,
     waiter: Mutex<Option<Waker>>,
+    /// hyper will end this connection after the current exchange (`Connection: close` either
+    /// way, a body left unread): it must not be released as idle, or it would stay open.
+    no_release: AtomicBool,
 }
 
 impl UpgradeGate {
@@ -112,6 +115,13 @@ impl UpgradeGate {
     /// Whether a request waits for the switch (the connection task asks after each poll).
     pub fn take_wanted(&self) -> bool {
         self.wanted.load(Ordering::Acquire) && self.wanted.swap(false, Ordering::AcqRel)
+    }
+    /// hyper is going to close the connection: never release it.
+    pub fn no_release(&self) {
+        self.no_release.store(true, Ordering::Relaxed);
+    }
+    pub fn releasable(&self) -> bool {
+        !self.no_release.load(Ordering::Relaxed)
     }
     /// The connection now supports upgrades: lets the waiting request answer.
     pub fn open(&self) {

@@ -124,7 +124,9 @@ where
     /// No request in flight, its response accepted by the socket, no byte of the next one seen.
     fn idle(&self) -> bool {
         let info = &self.conn.info;
-        info.in_flight() == 0
+        self.conn.upgrades.releasable()
+            && self.conn.close_cause.get().is_none()
+            && info.in_flight() == 0
             && info.state() == ConnState::Idle
             && info.head_started().is_none()
             && info.write_blocked_since().is_none()

@@ -127,6 +127,23 @@ where
         let settings = conn.listener.settings.load();
         if protocol == Protocol::Http11 {
             log_request_head(conn, &req);
+            // hyper closes after answering a request that asked for it (or HTTP/1.0 without
+            // keep-alive); the connection must not be released as idle meanwhile.
+            let mut tokens = req
+                .headers()
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim);
+            let asks_close = if req.version() == http::Version::HTTP_10 {
+                !tokens.any(|t| t.eq_ignore_ascii_case("keep-alive"))
+            } else {
+                tokens.any(|t| t.eq_ignore_ascii_case("close"))
+            };
+            if asks_close {
+                conn.upgrades.no_release();
+            }
         }
         // First, so that nothing (not even an h2c upgrade) acts on a head that is not sound.
         let refusal = check_head(&req, protocol, &settings.limits).err();
@@ -515,6 +532,8 @@ impl Record {
         if (close || leaving) && self.protocol == Protocol::Http11 {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            // hyper ends the connection after this answer: it must not be released as idle.
+            self.conn.upgrades.no_release();
         }
         self.status = resp.status().as_u16();
         self.error = error;
