@@ -54,6 +54,10 @@ pub const DEFAULT_MAX_URI_BYTES: Size = Size::kib(8);
 /// which gatehouse cannot know, and `max_connections` × `max_concurrent_streams` already bounds
 /// what clients can hold open. A made-up default would shed healthy traffic on a large host.
 pub const DEFAULT_MAX_PROXY_IN_FLIGHT: u32 = 0;
+/// At once, as nginx does: freed later, the buffers of a burst of connections stay resident (the
+/// allocator keeps freed memory between live allocations), and the rebuild costs about 2.5% of a
+/// request's CPU on a busy keep-alive connection (docs/performance.md).
+pub const DEFAULT_IDLE_RELEASE_AFTER: Span = Span::secs(0);
 
 /// RFC 9113 recommends at least 100; 128 matches common browsers' expectations.
 pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 128;
@@ -290,6 +294,9 @@ pub struct Limits {
     /// Proxied requests in flight, all routes together, above which traffic classes are shed
     /// (lowest `shed_order` first). 0 = no global limit.
     pub max_proxy_in_flight: u32,
+    /// How long an HTTP/1.1 keep-alive connection (cleartext) waits with no request before it
+    /// drops hyper's buffers and keeps only its socket; the next request rebuilds them.
+    pub idle_release_after: Span,
 }
 
 impl Default for Limits {
@@ -302,6 +309,7 @@ impl Default for Limits {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_uri_bytes: DEFAULT_MAX_URI_BYTES,
             max_proxy_in_flight: DEFAULT_MAX_PROXY_IN_FLIGHT,
+            idle_release_after: DEFAULT_IDLE_RELEASE_AFTER,
         }
     }
 }

@@ -285,6 +285,16 @@ impl Config {
                 );
             }
         }
+        if l.idle_release_after.get() >= t.idle.get() {
+            f.warning(
+                "limits.idle_release_after",
+                format!(
+                    "{} is not shorter than timeouts.idle ({}), so idle HTTP/1.1 connections are closed before they release their buffers",
+                    l.idle_release_after, t.idle
+                ),
+                "set it below timeouts.idle (default \"0s\")",
+            );
+        }
         if l.max_header_bytes.get() < 1024 {
             f.error(
                 "limits.max_header_bytes",

@@ -16,8 +16,11 @@ pin_project_lite::pin_project! {
     pub struct MeteredIo<T> {
         #[pin]
         inner: T,
-        // Bytes already read while sniffing the protocol, replayed before reading `inner`.
+        // Bytes already read off `inner` (while sniffing the protocol, or by a hyper connection
+        // released while idle), replayed before reading `inner`.
         prefix: Bytes,
+        // Whether `prefix` is already in the connection's bytes in (a released connection's).
+        prefix_counted: bool,
         // An error met while topping up a read that replayed the prefix, reported by the next read.
         deferred_error: Option<io::Error>,
         info: Arc<ConnInfo>,
@@ -29,9 +32,25 @@ impl<T> MeteredIo<T> {
         MeteredIo {
             inner,
             prefix,
+            prefix_counted: false,
             deferred_error: None,
             info,
         }
+    }
+
+    /// Replays `bytes`, which a released hyper connection had read but not parsed, before
+    /// reading `inner` again. They were counted when they came off the socket.
+    pub fn replay(&mut self, bytes: Bytes) {
+        self.prefix = bytes;
+        self.prefix_counted = true;
+    }
+
+    pub fn has_prefix(&self) -> bool {
+        !self.prefix.is_empty()
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
     }
 }
 
@@ -65,7 +84,11 @@ impl<T: AsyncRead> AsyncRead for MeteredIo<T> {
         this.prefix.advance(n);
         // The sniffed bytes came off the socket too: without this, a connection's bytes in
         // missed the start of its first request.
-        this.info.add_bytes_in(n);
+        if !*this.prefix_counted {
+            this.info.add_bytes_in(n);
+        }
+        // They start a request head, as any read on an idle connection does (`header_read`).
+        this.info.note_read();
         if this.prefix.is_empty() {
             // Release the sniffing buffer, and fill the rest of the caller's buffer now: a read that
             // returned only the sniffed bytes would make hyper reserve room for a second read

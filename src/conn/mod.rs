@@ -1,6 +1,7 @@
 //! Connections: protocol selection, lifecycle state, timeouts and the registry of open connections.
 
 mod context;
+mod h1;
 pub mod h2c;
 mod h2frames;
 mod h2watch;
@@ -11,7 +12,7 @@ mod serve;
 mod state;
 mod watchdog;
 
-pub use context::{ConnSettings, ConnShared, ListenerShared, PendingH2c, ProtocolPolicy};
+pub use context::{ConnSettings, ConnShared, ListenerShared, PendingH2c, ProtocolPolicy, UpgradeGate};
 pub use registry::{ConnInfo, Registry, TlsSummary};
 pub use serve::serve_connection;
 pub use state::{CloseReason, ConnState, Protocol};

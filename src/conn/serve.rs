@@ -1,11 +1,13 @@
 //! One connection from accept to close: TLS, protocol selection, serving, and the close reason.
 
+use super::h1::serve_h1;
 use super::h2watch::H2Watch;
 use super::io::MeteredIo;
 use super::watchdog::{self, Verdict};
-use super::{h2c, CloseReason, ConnInfo, ConnShared, ConnState, ListenerShared, Protocol};
+use super::{CloseReason, ConnInfo, ConnShared, ConnState, ListenerShared, Protocol};
 use crate::http::body::BoxError;
 use crate::http::{HttpService, Pipeline, ServiceBody};
+use crate::lifecycle::Phase;
 use bytes::{Bytes, BytesMut};
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -13,6 +15,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -49,6 +52,7 @@ where
         listener: listener.clone(),
         close_requested: tokio::sync::Notify::new(),
         pending_h2c: Mutex::new(None),
+        upgrades: super::UpgradeGate::default(),
         close_cause: std::sync::OnceLock::new(),
     });
     let reason = run(tcp, &conn, svc).await;
@@ -82,90 +86,25 @@ where
     let listener = &conn.listener;
     let info = &conn.info;
     let settings = listener.settings.load_full();
-    if let Some(tls) = &listener.tls {
-        let tls = tls.load_full();
-        let hs = tokio::select! {
-            hs = crate::tls::handshake(tcp, &tls, settings.timeouts.tls_handshake.get()) => hs,
-            _ = listener.shutdown.forced() => return CloseReason::DrainForced,
-        };
-        match hs {
-            Err(e) => {
-                count_handshake(listener, e.result, "none", "none");
-                listener
-                    .debug
-                    .event(crate::observe::Switch::Tls, &listener.name.0, info.peer, || {
-                        format!(
-                            "conn {} handshake {}: {} (offered ALPN {:?}, SNI {:?})",
-                            info.id, e.result, e.detail, e.offered_alpn, e.sni
-                        )
-                    });
-                tracing::debug!(conn_id = info.id, result = e.result, detail = %e.detail, "TLS handshake failed");
-                return if e.result == "timeout" {
-                    CloseReason::HandshakeTimeout
-                } else {
-                    CloseReason::HandshakeFailed
-                };
-            }
-            Ok((stream, negotiated)) => {
-                let s = &negotiated.summary;
-                let alpn_label = match s.alpn.as_deref() {
-                    Some("h2") => "h2",
-                    Some("http/1.1") => "http/1.1",
-                    _ => "none",
-                };
-                count_handshake(listener, "ok", s.version, alpn_label);
-                listener
-                    .debug
-                    .event(crate::observe::Switch::Tls, &listener.name.0, info.peer, || {
-                        format!(
-                            "conn {} handshake ok: TLS {} {} ALPN offered {:?} chosen {:?} SNI {:?} resumed {} (cipher suites offered: {})",
-                            info.id,
-                            s.version,
-                            s.cipher,
-                            negotiated.offered_alpn,
-                            s.alpn,
-                            s.sni,
-                            negotiated.resumed,
-                            negotiated.offered_ciphers.join(" ")
-                        )
-                    });
-                let h2 = alpn_label == "h2";
-                let offers_h2 = tls.alpn.iter().any(|p| p == b"h2");
-                if !h2 && offers_h2 {
-                    let reason = if negotiated.client_offered_no_alpn {
-                        "client_offered_none"
-                    } else {
-                        "client_offered_http1_only"
-                    };
-                    listener.metrics.alpn_fallback(&listener.name, reason);
-                    tracing::info!(
-                        conn_id = info.id,
-                        listener = %listener.name.0,
-                        remote = %info.peer,
-                        reason,
-                        offered = ?negotiated.offered_alpn,
-                        "serving HTTP/1.1 on a listener that offers h2"
-                    );
-                }
-                info.set_tls(negotiated.summary);
-                info.set_state(ConnState::Idle);
-                let io = MeteredIo::new(stream, Bytes::new(), info.clone());
-                // Boxed: an HTTP/2 connection's state is several times an HTTP/1.1 one's, and inline
-                // it would size every connection's task, idle HTTP/1.1 keep-alives included.
-                return if h2 {
-                    Box::pin(serve_h2(io, conn, svc, Protocol::H2)).await
-                } else {
-                    serve_h1(io, conn, svc).await
-                };
-            }
-        }
+    if listener.tls.is_some() {
+        // Boxed: the handshake's state is large, and inline it would size every connection's
+        // task, cleartext ones included, for their whole life.
+        return Box::pin(serve_tls(tcp, conn, svc, settings.timeouts.tls_handshake.get())).await;
     }
     let policy = listener.policy.load_full();
     match (policy.http1, policy.h2c) {
         (true, true) => {
-            let sniffed = tokio::select! {
-                s = sniff_preface(tcp, settings.timeouts.first_request.get()) => s,
-                _ = listener.shutdown.draining() => return CloseReason::Shutdown,
+            // Boxed: it is over once the first bytes have arrived, and inline its state would
+            // size every connection's task for its whole life.
+            let sniffed = Box::pin(async {
+                tokio::select! {
+                    s = sniff_preface(tcp, settings.timeouts.first_request.get()) => Some(s),
+                    _ = listener.shutdown.draining() => None,
+                }
+            })
+            .await;
+            let Some(sniffed) = sniffed else {
+                return CloseReason::Shutdown;
             };
             match sniffed {
                 Sniffed::Timeout => CloseReason::FirstRequestTimeout,
@@ -193,6 +132,100 @@ where
             .await
         }
         _ => serve_h1(MeteredIo::new(tcp, Bytes::new(), info.clone()), conn, svc).await,
+    }
+}
+
+/// A TLS connection: the handshake, then HTTP/2 or HTTP/1.1 as ALPN decided.
+async fn serve_tls<S, B>(
+    tcp: TcpStream,
+    conn: &Arc<ConnShared>,
+    svc: S,
+    handshake_timeout: std::time::Duration,
+) -> CloseReason
+where
+    S: HttpService<B>,
+    B: ServiceBody,
+{
+    let listener = &conn.listener;
+    let info = &conn.info;
+    let Some(tls) = &listener.tls else {
+        return CloseReason::HandshakeFailed;
+    };
+    let tls = tls.load_full();
+    let hs = tokio::select! {
+        hs = crate::tls::handshake(tcp, &tls, handshake_timeout) => hs,
+        _ = listener.shutdown.forced() => return CloseReason::DrainForced,
+    };
+    match hs {
+        Err(e) => {
+            count_handshake(listener, e.result, "none", "none");
+            listener
+                .debug
+                .event(crate::observe::Switch::Tls, &listener.name.0, info.peer, || {
+                    format!(
+                        "conn {} handshake {}: {} (offered ALPN {:?}, SNI {:?})",
+                        info.id, e.result, e.detail, e.offered_alpn, e.sni
+                    )
+                });
+            tracing::debug!(conn_id = info.id, result = e.result, detail = %e.detail, "TLS handshake failed");
+            return if e.result == "timeout" {
+                CloseReason::HandshakeTimeout
+            } else {
+                CloseReason::HandshakeFailed
+            };
+        }
+        Ok((stream, negotiated)) => {
+            let s = &negotiated.summary;
+            let alpn_label = match s.alpn.as_deref() {
+                Some("h2") => "h2",
+                Some("http/1.1") => "http/1.1",
+                _ => "none",
+            };
+            count_handshake(listener, "ok", s.version, alpn_label);
+            listener
+                .debug
+                .event(crate::observe::Switch::Tls, &listener.name.0, info.peer, || {
+                    format!(
+                        "conn {} handshake ok: TLS {} {} ALPN offered {:?} chosen {:?} SNI {:?} resumed {} (cipher suites offered: {})",
+                        info.id,
+                        s.version,
+                        s.cipher,
+                        negotiated.offered_alpn,
+                        s.alpn,
+                        s.sni,
+                        negotiated.resumed,
+                        negotiated.offered_ciphers.join(" ")
+                    )
+                });
+            let h2 = alpn_label == "h2";
+            let offers_h2 = tls.alpn.iter().any(|p| p == b"h2");
+            if !h2 && offers_h2 {
+                let reason = if negotiated.client_offered_no_alpn {
+                    "client_offered_none"
+                } else {
+                    "client_offered_http1_only"
+                };
+                listener.metrics.alpn_fallback(&listener.name, reason);
+                tracing::info!(
+                    conn_id = info.id,
+                    listener = %listener.name.0,
+                    remote = %info.peer,
+                    reason,
+                    offered = ?negotiated.offered_alpn,
+                    "serving HTTP/1.1 on a listener that offers h2"
+                );
+            }
+            info.set_tls(negotiated.summary);
+            info.set_state(ConnState::Idle);
+            let io = MeteredIo::new(stream, Bytes::new(), info.clone());
+            // Boxed: an HTTP/2 connection's state is several times an HTTP/1.1 one's, and inline
+            // it would size every connection's task, idle HTTP/1.1 keep-alives included.
+            return if h2 {
+                Box::pin(serve_h2(io, conn, svc, Protocol::H2)).await
+            } else {
+                serve_h1(io, conn, svc).await
+            };
+        }
     }
 }
 
@@ -249,7 +282,7 @@ async fn sniff_preface(mut tcp: TcpStream, timeout: std::time::Duration) -> Snif
     }
 }
 
-fn h1_builder(conn: &ConnShared) -> http1::Builder {
+pub(super) fn h1_builder(conn: &ConnShared) -> http1::Builder {
     let settings = conn.listener.settings.load();
     // `max_header_size` is the exact limit (431 beyond it, request line included). The buffer
     // must not be the smaller bound, or hyper would refuse a head below the limit; hyper's
@@ -266,31 +299,7 @@ fn h1_builder(conn: &ConnShared) -> http1::Builder {
     b
 }
 
-async fn serve_h1<IO, S, B>(io: MeteredIo<IO>, conn: &Arc<ConnShared>, svc: S) -> CloseReason
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: HttpService<B>,
-    B: ServiceBody,
-{
-    conn.info.set_protocol(Protocol::Http11);
-    let pipeline = Pipeline::new(svc.clone(), conn.clone());
-    let hconn = h1_builder(conn)
-        .serve_connection(TokioIo::new(io), pipeline)
-        .with_upgrades();
-    let reason = drive(hconn, conn, Protocol::Http11).await;
-    let pending = conn.pending_h2c.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let Some(pending) = pending else { return reason };
-    match pending.on_upgrade.await {
-        Ok(upgraded) => {
-            tracing::debug!(conn_id = conn.info.id, "switched to HTTP/2 via Upgrade: h2c");
-            let io = h2c::Spliced::new(TokioIo::new(upgraded), pending.stream_one);
-            Box::pin(serve_h2(io, conn, svc, Protocol::H2c)).await
-        }
-        Err(_) => CloseReason::ProtocolError,
-    }
-}
-
-async fn serve_h2<IO, S, B>(io: IO, conn: &Arc<ConnShared>, svc: S, protocol: Protocol) -> CloseReason
+pub(super) async fn serve_h2<IO, S, B>(io: IO, conn: &Arc<ConnShared>, svc: S, protocol: Protocol) -> CloseReason
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<B>,
@@ -327,19 +336,14 @@ where
 }
 
 /// A hyper connection that can be asked to finish gracefully.
-trait Graceful: Future<Output = hyper::Result<()>> {
+pub(super) trait Graceful {
+    /// Runs the connection; ready when it has ended.
+    fn poll_conn(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>>;
     fn graceful(self: Pin<&mut Self>);
-}
-
-impl<I, S> Graceful for http1::UpgradeableConnection<I, S>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming>,
-    S::ResBody: http_body::Body + 'static,
-    <S::ResBody as http_body::Body>::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    fn graceful(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
+    /// At a watchdog wakeup with nothing expired: when to look again so that an idle connection
+    /// releases its protocol state on time (HTTP/1.1; see `h1`). `None`: no need to.
+    fn release_check(self: Pin<&mut Self>, _now: std::time::Instant) -> Option<std::time::Instant> {
+        None
     }
 }
 
@@ -351,13 +355,16 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin,
     E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
 {
+    fn poll_conn(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        self.poll(cx)
+    }
     fn graceful(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
 }
 
 /// Runs a hyper connection to its end, applying drain, max-requests and the watchdog.
-async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> CloseReason {
+pub(super) async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> CloseReason {
     let listener = &conn.listener;
     let info = &conn.info;
     let http1 = protocol == Protocol::Http11;
@@ -382,23 +389,31 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
     // its sockets over): the client retries unprocessed streams elsewhere. Closing an idle
     // HTTP/1.1 connection is not, as a request may be on its way: during a handover it gets the
     // grace, and each response meanwhile says `Connection: close` (the pipeline adds it).
-    let stop = async {
-        if http1 {
-            listener.shutdown.draining().await
-        } else {
-            listener.shutdown.stop_accepting().await
-        }
-    };
-    tokio::pin!(stop);
+    //
+    // One shutdown watch at a time, first for that phase, then for the forced close (which comes
+    // later): each is a few hundred bytes, and an idle connection holds it for its whole life.
+    let stop_phase = if http1 { Phase::Draining } else { Phase::HandedOver };
+    let shutdown = phase_reached(&listener.shutdown, stop_phase);
+    tokio::pin!(shutdown);
+    let mut watching_forced = false;
     loop {
         tokio::select! {
-            res = hconn.as_mut() => {
+            res = std::future::poll_fn(|cx| hconn.as_mut().poll_conn(cx)) => {
                 // During a handover an HTTP/1.1 connection ends after a response that said
                 // `Connection: close` because this process is leaving: that is a shutdown close.
-                let leaving = http1 && listener.shutdown.phase() != crate::lifecycle::Phase::Running;
+                let leaving = http1 && listener.shutdown.phase() != Phase::Running;
                 return classify(res, initiated.or(leaving.then_some(CloseReason::Shutdown)), conn);
             }
-            _ = &mut stop, if initiated.is_none() => {
+            _ = &mut shutdown => {
+                if watching_forced {
+                    return CloseReason::DrainForced;
+                }
+                shutdown.set(phase_reached(&listener.shutdown, Phase::Forced));
+                watching_forced = true;
+                if initiated.is_some() {
+                    // Already closing for another reason (HTTP/2 max requests or idle).
+                    continue;
+                }
                 initiated = Some(CloseReason::Shutdown);
                 info.set_state(ConnState::Closing);
                 if !http1 {
@@ -421,7 +436,6 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
                 sleep.as_mut().reset(at);
                 hconn.as_mut().graceful();
             }
-            _ = listener.shutdown.forced() => return CloseReason::DrainForced,
             _ = &mut sleep => {
                 let settings = listener.settings.load();
                 let now = tokio::time::Instant::now();
@@ -463,7 +477,11 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
                     continue;
                 }
                 match verdict {
-                    Verdict::Recheck(_) => sleep.as_mut().reset(recheck),
+                    Verdict::Recheck(_) => {
+                        let release = hconn.as_mut().release_check(now.into_std());
+                        let at = release.map_or(recheck, |r| recheck.min(tokio::time::Instant::from_std(r)));
+                        sleep.as_mut().reset(at);
+                    }
                     Verdict::Expired(reason) if !http1 && info.requests() > 0 => {
                         // HTTP/2: say goodbye with GOAWAY rather than a bare close; bound the wait.
                         initiated = Some(reason);
@@ -477,6 +495,16 @@ async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> 
                 }
             }
         }
+    }
+}
+
+/// Resolves once `shutdown` reaches `phase` (one future type for every phase).
+async fn phase_reached(shutdown: &crate::lifecycle::Shutdown, phase: Phase) {
+    match phase {
+        Phase::Running => std::future::pending().await,
+        Phase::HandedOver => shutdown.stop_accepting().await,
+        Phase::Draining => shutdown.draining().await,
+        Phase::Forced => shutdown.forced().await,
     }
 }
 

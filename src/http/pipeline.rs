@@ -68,6 +68,11 @@ impl<S> Pipeline<S> {
     }
 }
 
+// The service is never pinned in place: each request calls a clone of it from its own future. So
+// the pipeline can move while a hyper connection runs, which is what lets an idle HTTP/1.1
+// connection be taken apart (`into_parts`) and its buffers released.
+impl<S> Unpin for Pipeline<S> {}
+
 impl<S: Clone> Clone for Pipeline<S> {
     fn clone(&self) -> Self {
         Pipeline {
@@ -91,12 +96,53 @@ where
     type Error = Infallible;
     type Future = PipelineFuture<B>;
 
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        // hyper puts an `OnUpgrade` in every HTTP/1.1 request that could switch protocols (an
+        // `Upgrade` header, CONNECT). On a connection that does not support upgrades yet, the
+        // answer waits until the connection task has switched (see `UpgradeGate`).
+        let gated = !self.conn.upgrades.is_open()
+            && req.extensions().get::<hyper::upgrade::OnUpgrade>().is_some()
+            && self.conn.info.protocol() == Protocol::Http11;
+        let answer = self.respond(req);
+        if !gated {
+            return answer;
+        }
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            std::future::poll_fn(|cx| conn.upgrades.poll_open(cx)).await;
+            answer.await
+        })
+    }
+}
+
+impl<S, B> Pipeline<S>
+where
+    S: HttpService<B> + tower_service::Service<Request<RequestBody>, Response = Response<B>>,
+    B: ServiceBody,
+{
+    fn respond(&self, mut req: Request<Incoming>) -> PipelineFuture<B> {
         let conn = &self.conn;
         let protocol = conn.info.protocol();
         let settings = conn.listener.settings.load();
         if protocol == Protocol::Http11 {
             log_request_head(conn, &req);
+            // hyper closes after answering a request that asked for it (or HTTP/1.0 without
+            // keep-alive); the connection must not be released as idle meanwhile.
+            let mut tokens = req
+                .headers()
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim);
+            let asks_close = if req.version() == http::Version::HTTP_10 {
+                !tokens.any(|t| t.eq_ignore_ascii_case("keep-alive"))
+            } else {
+                tokens.any(|t| t.eq_ignore_ascii_case("close"))
+            };
+            if asks_close {
+                conn.upgrades.no_release();
+            }
         }
         // First, so that nothing (not even an h2c upgrade) acts on a head that is not sound.
         let refusal = check_head(&req, protocol, &settings.limits).err();
@@ -485,6 +531,8 @@ impl Record {
         if (close || leaving) && self.protocol == Protocol::Http11 {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            // hyper ends the connection after this answer: it must not be released as idle.
+            self.conn.upgrades.no_release();
         }
         self.status = resp.status().as_u16();
         self.error = error;

@@ -14,6 +14,7 @@ mod doctor;
 mod drain;
 mod exhaustion;
 mod h2_abuse;
+mod idle_release;
 mod malformed;
 mod metrics;
 mod protocols;

@@ -1,0 +1,272 @@
+//! HTTP/1.1 connections, and the release of hyper's state while a keep-alive connection idles.
+//!
+//! A hyper HTTP/1.1 connection holds two 8 KiB buffers for its whole life. Like nginx's
+//! `ngx_http_set_keepalive`, a cleartext connection that has been idle for
+//! `limits.idle_release_after` ends its hyper connection (which, idle, closes without writing a
+//! byte), keeps only the socket, waits for it to become readable without a read buffer, and
+//! builds a new hyper connection for the next request. Bytes hyper had read but not parsed (part
+//! of a pipelined head) are replayed into the next one.
+//!
+//! hyper's upgradeable connection cannot give its socket back, so a connection starts with the
+//! plain one and switches for the rest of its life when a request could upgrade (see
+//! [`UpgradeGate`](super::UpgradeGate)); such a connection is never released again. TLS
+//! connections never release: rustls's own buffers dominate their memory, and rustls may hold
+//! decrypted bytes that the socket's readiness no longer shows.
+
+use super::io::MeteredIo;
+use super::serve::{drive, h1_builder, serve_h2, Graceful};
+use super::{h2c, CloseReason, Protocol};
+use super::{ConnShared, ConnState};
+use crate::http::{HttpService, Pipeline, ServiceBody};
+use bytes::Bytes;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::io;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+/// A connection's transport, as far as releasing hyper's state goes.
+pub(super) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Whether a connection on this transport may release hyper's state while idle.
+    const RELEASABLE: bool;
+    /// Resolves when a read would not block, without reading (so without a buffer).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Transport for TcpStream {
+    const RELEASABLE: bool = true;
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
+    const RELEASABLE: bool = false;
+    /// Never parked (see the module docs); "maybe readable" is always a correct answer.
+    fn poll_read_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+type Io<T> = TokioIo<MeteredIo<T>>;
+
+/// Where an HTTP/1.1 connection's hyper state is.
+enum State<T: Transport, S: HttpService<B>, B: ServiceBody> {
+    /// Released: the socket alone waits for the next request's bytes.
+    Parked(MeteredIo<T>),
+    /// Boxed, so that releasing it frees its memory rather than leaving its room in the task.
+    Plain(Box<http1::Connection<Io<T>, Pipeline<S>>>),
+    Upgradeable(Pin<Box<http1::UpgradeableConnection<Io<T>, Pipeline<S>>>>),
+    /// Over: a graceful close found it parked (`Ok`), or its release failed. (The marker names
+    /// the response body type, which the hyper connections' types need.)
+    Done(Option<hyper::Result<()>>, PhantomData<fn() -> B>),
+}
+
+/// One HTTP/1.1 connection, driven by [`super::serve`]'s `drive` like an HTTP/2 one.
+pub(super) struct H1<T: Transport, S: HttpService<B>, B: ServiceBody> {
+    state: State<T, S, B>,
+    conn: Arc<ConnShared>,
+    svc: S,
+    /// `None`: this connection never releases (TLS, upgrades, or a release that failed).
+    release_after: Option<Duration>,
+    /// The watchdog found the connection idle for `release_after`: release at the next poll.
+    release_due: bool,
+}
+
+// Nothing in it is pinned in place: the hyper connections are boxed, and the service is cloned for
+// each hyper connection. So `drive` may pin it while it is taken apart and rebuilt.
+impl<T: Transport, S: HttpService<B>, B: ServiceBody> Unpin for H1<T, S, B> {}
+
+impl<T: Transport, S, B> H1<T, S, B>
+where
+    S: HttpService<B>,
+    B: ServiceBody,
+{
+    /// A connection whose first bytes may already have been read (`io`'s prefix).
+    pub(super) fn new(io: MeteredIo<T>, conn: &Arc<ConnShared>, svc: S) -> Self {
+        let mut h1 = H1 {
+            state: State::Done(None, PhantomData),
+            conn: conn.clone(),
+            svc,
+            release_after: None,
+            release_due: false,
+        };
+        if T::RELEASABLE {
+            if io.has_prefix() {
+                h1.build(io);
+            } else {
+                // Nothing to parse yet: wait for the first request the way an idle one waits.
+                h1.state = State::Parked(io);
+            }
+        } else {
+            conn.upgrades.open();
+            let pipeline = Pipeline::new(h1.svc.clone(), conn.clone());
+            let hconn = h1_builder(conn).serve_connection(TokioIo::new(io), pipeline);
+            h1.state = State::Upgradeable(Box::pin(hconn.with_upgrades()));
+        }
+        h1
+    }
+
+    fn build(&mut self, io: MeteredIo<T>) {
+        let pipeline = Pipeline::new(self.svc.clone(), self.conn.clone());
+        let hconn = h1_builder(&self.conn).serve_connection(TokioIo::new(io), pipeline);
+        // Read once per build, so that a reload applies from the connection's next request.
+        self.release_after = Some(self.conn.listener.settings.load().limits.idle_release_after.get());
+        self.state = State::Plain(Box::new(hconn));
+    }
+
+    /// No request in flight, its response accepted by the socket, no byte of the next one seen.
+    fn idle(&self) -> bool {
+        let info = &self.conn.info;
+        self.conn.upgrades.releasable()
+            && self.conn.close_cause.get().is_none()
+            && info.in_flight() == 0
+            && info.state() == ConnState::Idle
+            && info.head_started().is_none()
+            && info.write_blocked_since().is_none()
+    }
+
+    /// Ends the (idle) hyper connection and keeps its socket, and any bytes it read ahead.
+    fn release(&mut self, cx: &mut Context<'_>) {
+        let State::Plain(mut hconn) = std::mem::replace(&mut self.state, State::Done(None, PhantomData)) else {
+            return;
+        };
+        // Idle, hyper closes at once and writes nothing; without shutdown, the socket stays open.
+        Pin::new(&mut *hconn).graceful_shutdown();
+        match hconn.poll_without_shutdown(cx) {
+            Poll::Ready(Ok(())) => {
+                let parts = (*hconn).into_parts();
+                let mut io = parts.io.into_inner();
+                if !parts.read_buf.is_empty() {
+                    // Part of a pipelined head (hyper parses whole ones as soon as it has them):
+                    // keep a copy its size, not hyper's buffer, and time it as a head.
+                    io.replay(Bytes::copy_from_slice(&parts.read_buf));
+                    self.conn.info.note_read();
+                }
+                self.state = State::Parked(io);
+                let (info, listener) = (&self.conn.info, &self.conn.listener);
+                listener
+                    .debug
+                    .event(crate::observe::Switch::Conn, &listener.name.0, info.peer, || {
+                        format!(
+                            "conn {} idle: released its HTTP/1.1 buffers, keeps its socket ({} bytes of a next request kept)",
+                            info.id,
+                            parts.read_buf.len()
+                        )
+                    });
+            }
+            Poll::Ready(Err(e)) => self.state = State::Done(Some(Err(e)), PhantomData),
+            Poll::Pending => {
+                // hyper was not idle after all (a request body still arriving for a handler that
+                // answered without it): it now ends the connection once that exchange is over.
+                tracing::debug!(
+                    conn_id = self.conn.info.id,
+                    "HTTP/1.1 connection was not idle when releasing; it closes after this exchange"
+                );
+                self.release_after = None;
+                self.state = State::Plain(hconn);
+            }
+        }
+    }
+}
+
+impl<T: Transport, S, B> Graceful for H1<T, S, B>
+where
+    S: HttpService<B>,
+    B: ServiceBody,
+{
+    fn poll_conn(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                State::Parked(io) => {
+                    // An error is left for hyper's first read to report, as it would have been.
+                    let _ = std::task::ready!(io.get_ref().poll_read_ready(cx));
+                    let State::Parked(io) = std::mem::replace(&mut this.state, State::Done(None, PhantomData)) else {
+                        unreachable!("matched above");
+                    };
+                    this.build(io);
+                }
+                State::Plain(hconn) => {
+                    if let Poll::Ready(res) = Pin::new(&mut **hconn).poll(cx) {
+                        return Poll::Ready(res);
+                    }
+                    if this.conn.upgrades.take_wanted() {
+                        // A request that could upgrade waits for this switch before it answers.
+                        let State::Plain(hconn) = std::mem::replace(&mut this.state, State::Done(None, PhantomData))
+                        else {
+                            unreachable!("matched above");
+                        };
+                        this.state = State::Upgradeable(Box::pin((*hconn).with_upgrades()));
+                        this.release_after = None;
+                        this.conn.upgrades.open();
+                        continue;
+                    }
+                    let due = std::mem::take(&mut this.release_due) || this.release_after == Some(Duration::ZERO);
+                    if !(due && this.idle()) {
+                        return Poll::Pending;
+                    }
+                    this.release(cx);
+                }
+                State::Upgradeable(hconn) => return hconn.as_mut().poll(cx),
+                State::Done(res, _) => return Poll::Ready(res.take().unwrap_or(Ok(()))),
+            }
+        }
+    }
+
+    fn graceful(self: Pin<&mut Self>) {
+        let this = self.get_mut();
+        match &mut this.state {
+            // Parked means idle: close it now, as hyper closes an idle connection.
+            State::Parked(_) => this.state = State::Done(Some(Ok(())), PhantomData),
+            State::Plain(hconn) => Pin::new(&mut **hconn).graceful_shutdown(),
+            State::Upgradeable(hconn) => hconn.as_mut().graceful_shutdown(),
+            State::Done(..) => {}
+        }
+    }
+
+    fn release_check(self: Pin<&mut Self>, now: Instant) -> Option<Instant> {
+        let this = self.get_mut();
+        let after = this.release_after.filter(|d| !d.is_zero())?;
+        if !matches!(this.state, State::Plain(_)) {
+            return None;
+        }
+        if !this.idle() {
+            // Busy: look again later rather than re-arm a timer when each request ends.
+            return Some(now + after);
+        }
+        let due = this.conn.info.idle_since() + after;
+        if now < due {
+            return Some(due);
+        }
+        this.release_due = true;
+        None
+    }
+}
+
+/// Serves HTTP/1.1 on `io` until the connection closes, or switches to HTTP/2 (`Upgrade: h2c`).
+pub(super) async fn serve_h1<T, S, B>(io: MeteredIo<T>, conn: &Arc<ConnShared>, svc: S) -> CloseReason
+where
+    T: Transport,
+    S: HttpService<B>,
+    B: ServiceBody,
+{
+    conn.info.set_protocol(Protocol::Http11);
+    let reason = drive(H1::new(io, conn, svc.clone()), conn, Protocol::Http11).await;
+    let pending = conn.pending_h2c.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let Some(pending) = pending else { return reason };
+    match pending.on_upgrade.await {
+        Ok(upgraded) => {
+            tracing::debug!(conn_id = conn.info.id, "switched to HTTP/2 via Upgrade: h2c");
+            let io = h2c::Spliced::new(TokioIo::new(upgraded), pending.stream_one);
+            Box::pin(serve_h2(io, conn, svc, Protocol::H2c)).await
+        }
+        Err(_) => CloseReason::ProtocolError,
+    }
+}
