@@ -45,6 +45,7 @@ async fn h1_requests(addr: std::net::SocketAddr, tag: &str, count: usize) {
             .header("host", "a")
             .body(Empty::<Bytes>::new())
             .unwrap();
+        sender.ready().await.unwrap();
         let resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
@@ -64,6 +65,7 @@ async fn h2_requests(addr: std::net::SocketAddr, tag: &str, count: usize) {
         let req = http::Request::get(format!("http://a/{tag}/{i}"))
             .body(Empty::<Bytes>::new())
             .unwrap();
+        sender.ready().await.unwrap();
         let resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
@@ -226,6 +228,7 @@ async fn a_stalled_sink_drops_and_counts_lines_and_requests_do_not_wait() {
             .header("host", "a")
             .body(Empty::<Bytes>::new())
             .unwrap();
+        sender.ready().await.unwrap();
         let resp = tokio::time::timeout(GENEROUS, sender.send_request(req))
             .await
             .expect("a request waited for the access log")
