@@ -168,11 +168,11 @@ where
                     )
                 });
             tracing::debug!(conn_id = info.id, result = e.result, detail = %e.detail, "TLS handshake failed");
-            return if e.result == "timeout" {
+            if e.result == "timeout" {
                 CloseReason::HandshakeTimeout
             } else {
                 CloseReason::HandshakeFailed
-            };
+            }
         }
         Ok((stream, negotiated)) => {
             let s = &negotiated.summary;

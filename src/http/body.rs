@@ -134,7 +134,7 @@ impl FileBody {
             match read_cached(&self.file, self.offset, want) {
                 Cached::Read(chunk) => return Poll::Ready(Some(self.advance(chunk))),
                 Cached::Failed(e) => return Poll::Ready(Some(Err(e))),
-                Cached::NotCached => {}
+                Cached::Uncached => {}
                 Cached::Unsupported => self.nowait = false,
             }
         }
@@ -170,7 +170,7 @@ enum Cached {
     /// end of file).
     Read(Bytes),
     /// The first byte is not cached: reading would wait for the disk.
-    NotCached,
+    Uncached,
     /// This kernel or file system has no `RWF_NOWAIT` for reads.
     Unsupported,
     Failed(std::io::Error),
@@ -190,7 +190,7 @@ fn read_cached(file: &std::fs::File, offset: u64, want: usize) -> Cached {
             buf.truncate(n);
             Cached::Read(buf.freeze())
         }
-        Err(Errno::AGAIN) => Cached::NotCached,
+        Err(Errno::AGAIN) => Cached::Uncached,
         // Before Linux 4.14, or a file system without non-blocking buffered reads.
         Err(Errno::NOSYS | Errno::OPNOTSUPP | Errno::INVAL) => Cached::Unsupported,
         Err(e) => Cached::Failed(e.into()),
