@@ -121,10 +121,14 @@ where
         self.state = State::Plain(Box::new(hconn));
     }
 
-    /// No request in flight, its response accepted by the socket, no byte of the next one seen.
+    /// No request in flight, its response accepted by the socket, no byte of the next one seen,
+    /// and hyper waiting on the socket. The last matters with pipelining: hyper answers at most
+    /// 16 requests per poll and then yields with the rest of a pipelined batch still in its
+    /// buffer, with nothing in flight; releasing there would end a connection that has work.
     fn idle(&self) -> bool {
         let info = &self.conn.info;
-        self.conn.upgrades.releasable()
+        info.read_waiting()
+            && self.conn.upgrades.releasable()
             && self.conn.close_cause.get().is_none()
             && info.in_flight() == 0
             && info.state() == ConnState::Idle
@@ -186,8 +190,12 @@ where
         loop {
             match &mut this.state {
                 State::Parked(io) => {
-                    // An error is left for hyper's first read to report, as it would have been.
-                    let _ = std::task::ready!(io.get_ref().poll_read_ready(cx));
+                    // Bytes kept from the last hyper connection may hold a whole request: they
+                    // are parsed at once, not after the peer sends more.
+                    if !io.has_prefix() {
+                        // An error is left for hyper's first read to report, as it would have been.
+                        let _ = std::task::ready!(io.get_ref().poll_read_ready(cx));
+                    }
                     let State::Parked(io) = std::mem::replace(&mut this.state, State::Done(None, PhantomData)) else {
                         unreachable!("matched above");
                     };

@@ -62,6 +62,7 @@ fn read_counted<T: AsyncRead>(
 ) -> Poll<io::Result<()>> {
     let before = buf.filled().len();
     let res = inner.poll_read(cx, buf);
+    info.note_read_waiting(res.is_pending());
     let n = buf.filled().len() - before;
     if n > 0 {
         info.add_bytes_in(n);

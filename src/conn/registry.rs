@@ -7,7 +7,7 @@
 use super::{ConnState, Protocol};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
@@ -32,6 +32,9 @@ pub struct ConnInfo {
     /// Nanoseconds after `opened` (+1, so 0 means none) when the first byte of a request head
     /// arrived on an idle HTTP/1.1 connection; cleared when the head is complete.
     head_started: AtomicU64,
+    /// The last read asked of the transport found nothing to read: whoever reads (hyper) is
+    /// waiting for the peer, not working through bytes it already holds.
+    read_waiting: AtomicBool,
     /// Nanoseconds after `opened` (+1, so 0 means none) since when the transport has refused
     /// writes (the peer's receive window and our send buffer are full); cleared by progress.
     write_blocked_since: AtomicU64,
@@ -73,6 +76,7 @@ impl ConnInfo {
             bytes_out: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
+            read_waiting: AtomicBool::new(false),
             write_blocked_since: AtomicU64::new(0),
             awaiting_peer: AtomicU32::new(0),
             peer_stalled_since: AtomicU64::new(0),
@@ -116,6 +120,18 @@ impl ConnInfo {
             let n = self.nanos_since_open(Instant::now()).saturating_add(1);
             self.head_started.store(n, Relaxed);
         }
+    }
+
+    /// Records whether the last read of the transport found nothing (`Pending`).
+    pub fn note_read_waiting(&self, waiting: bool) {
+        if self.read_waiting.load(Relaxed) != waiting {
+            self.read_waiting.store(waiting, Relaxed);
+        }
+    }
+
+    /// Whether the last read of the transport found nothing to read.
+    pub fn read_waiting(&self) -> bool {
+        self.read_waiting.load(Relaxed)
     }
 
     /// The transport refused a write (or a flush): the peer is not taking bytes right now.

@@ -289,3 +289,29 @@ async fn h2c_upgrade_works_on_a_released_connection() {
     );
     srv.stop().await;
 }
+
+/// hyper answers at most 16 requests of a pipelined batch per poll and then yields with the rest
+/// still in its buffer and nothing in flight: that pause is not idleness, and the whole batch is
+/// answered on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_pipelined_batch_is_answered_whole_and_the_connection_stays_open() {
+    let g = Gatehouse::start(&format!(
+        "{LISTENER}[limits]\nidle_release_after = \"0s\"\n[log]\naccess_log = \"off\"\n{RESPOND}"
+    ));
+    let mut s = TcpStream::connect(g.addr("c")).await.unwrap();
+    let batch: String = (0..100).map(|i| get(&format!("/p{i}"))).collect();
+    s.write_all(batch.as_bytes()).await.unwrap();
+    for i in 0..100 {
+        let (head, body) = read_response(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "response {i}: {head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("connection: close"),
+            "response {i}: {head}"
+        );
+        assert_eq!(body, b"ok\n", "response {i}");
+    }
+    // Still open and serving after the batch (and after its release).
+    s.write_all(get("/after").as_bytes()).await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
