@@ -6,6 +6,7 @@
 //! literals *without indexing*, which leave the client's and our dynamic tables untouched, so the
 //! rest of the connection decodes exactly as the client encoded it.
 
+use crate::proxy::headers::connection_has;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
 use std::io;
@@ -40,15 +41,6 @@ pub fn requested(headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("h2c"))
-}
-
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Checks an h2c upgrade request (RFC 7540 §3.2, §3.2.1).

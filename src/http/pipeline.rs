@@ -16,6 +16,7 @@ use crate::conn::{h2c, CloseReason, ConnInfo, ConnShared, PendingH2c, Protocol};
 use crate::observe::metrics::{method_label, ListenerLabels, ProtocolLabels, RequestLabels};
 use crate::observe::otel::{RequestSpan, SpanEnd};
 use crate::observe::Switch;
+use crate::proxy::headers::connection_has;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -128,17 +129,10 @@ where
             log_request_head(conn, &req);
             // hyper closes after answering a request that asked for it (or HTTP/1.0 without
             // keep-alive); the connection must not be released as idle meanwhile.
-            let mut tokens = req
-                .headers()
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(str::trim);
             let asks_close = if req.version() == http::Version::HTTP_10 {
-                !tokens.any(|t| t.eq_ignore_ascii_case("keep-alive"))
+                !connection_has(req.headers(), "keep-alive")
             } else {
-                tokens.any(|t| t.eq_ignore_ascii_case("close"))
+                connection_has(req.headers(), "close")
             };
             if asks_close {
                 conn.upgrades.no_release();

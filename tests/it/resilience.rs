@@ -5,6 +5,7 @@
 use crate::common;
 
 use bytes::Bytes;
+use common::upstream::client;
 use common::TestServer;
 use gatehouse::proxy::resilience::classes::{ClassSpec, TrafficClasses};
 use gatehouse::proxy::resilience::health::{
@@ -32,17 +33,6 @@ fn full(r: http::Response<Bytes>) -> http::Response<Full> {
 
 fn ok(text: &'static str) -> http::Response<Full> {
     http::Response::new(Full::new(Bytes::from_static(text.as_bytes())))
-}
-
-/// A cleartext client: HTTP/1.1 only, or HTTP/2 by prior knowledge (h2c).
-fn client(http2: bool) -> reqwest::Client {
-    let b = reqwest::Client::builder().no_proxy();
-    let b = if http2 {
-        b.http2_prior_knowledge()
-    } else {
-        b.http1_only()
-    };
-    b.build().unwrap()
 }
 
 #[tokio::test]
