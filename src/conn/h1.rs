@@ -14,6 +14,7 @@
 //! decrypted bytes that the socket's readiness no longer shows.
 
 use super::io::MeteredIo;
+use super::sendfile::SpliceTarget;
 use super::serve::{drive, h1_builder, serve_h2, Graceful};
 use super::{h2c, CloseReason, Protocol};
 use super::{ConnShared, ConnState};
@@ -32,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 /// A connection's transport, as far as releasing hyper's state goes.
-pub(super) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+pub(super) trait Transport: AsyncRead + AsyncWrite + SpliceTarget + Unpin + Send + 'static {
     /// Whether a connection on this transport may release hyper's state while idle.
     const RELEASABLE: bool;
     /// Resolves when a read would not block, without reading (so without a buffer).
@@ -98,6 +99,8 @@ where
             release_due: false,
         };
         if T::RELEASABLE {
+            // Cleartext TCP: file responses may go out through `sendfile` (see `conn::sendfile`).
+            conn.info.splice().enable();
             if io.has_prefix() {
                 h1.build(io);
             } else {
@@ -115,7 +118,11 @@ where
 
     fn build(&mut self, io: MeteredIo<T>) {
         let pipeline = Pipeline::new(self.svc.clone(), self.conn.clone());
-        let hconn = h1_builder(&self.conn).serve_connection(TokioIo::new(io), pipeline);
+        let hconn = h1_builder(&self.conn)
+            // Queue body chunks instead of copying them into one buffer: a `sendfile`
+            // placeholder must reach the transport as it was handed to hyper.
+            .writev(true)
+            .serve_connection(TokioIo::new(io), pipeline);
         // Read once per build, so that a reload applies from the connection's next request.
         self.release_after = Some(self.conn.listener.settings.load().limits.idle_release_after.get());
         self.state = State::Plain(Box::new(hconn));

@@ -3,6 +3,7 @@
 //! Writes feed the `write` timeout: a `Pending` write or flush marks the transport blocked, and
 //! accepted bytes mark progress. Both are atomics in `ConnInfo`, read by the watchdog.
 
+use super::sendfile::{self, SpliceTarget};
 use super::ConnInfo;
 use bytes::{Buf, Bytes};
 use std::io;
@@ -106,10 +107,16 @@ impl<T: AsyncRead> AsyncRead for MeteredIo<T> {
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for MeteredIo<T> {
+// A file response's placeholder (see `super::sendfile`) is sent by `sendfile`, never as bytes:
+// a write sends what precedes the first placeholder, or the file bytes that placeholder stands for.
+impl<T: AsyncWrite + SpliceTarget> AsyncWrite for MeteredIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.project();
-        let res = this.inner.poll_write(cx, buf);
+        let res = if sendfile::is_placeholder(buf) {
+            this.info.splice().poll_send(this.inner.as_ref().get_ref(), cx, buf)
+        } else {
+            this.inner.poll_write(cx, buf)
+        };
         note_write(this.info, &res);
         res
     }
@@ -119,7 +126,14 @@ impl<T: AsyncWrite> AsyncWrite for MeteredIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        let res = this.inner.poll_write_vectored(cx, bufs);
+        let res = match bufs.iter().position(|b| sendfile::is_placeholder(b)) {
+            None => this.inner.poll_write_vectored(cx, bufs),
+            Some(0) => this
+                .info
+                .splice()
+                .poll_send(this.inner.as_ref().get_ref(), cx, &bufs[0]),
+            Some(i) => this.inner.poll_write_vectored(cx, &bufs[..i]),
+        };
         note_write(this.info, &res);
         res
     }

@@ -8,6 +8,7 @@ mod h2watch;
 mod io;
 mod parse_error;
 mod registry;
+pub mod sendfile;
 mod serve;
 mod state;
 mod watchdog;

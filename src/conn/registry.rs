@@ -47,6 +47,8 @@ pub struct ConnInfo {
     /// The debug switches, for the `conn` switch's state-transition events; unset in tests that
     /// build a bare `ConnInfo`.
     debug: OnceLock<crate::observe::Switches>,
+    /// File regions a response body handed to `sendfile` (cleartext HTTP/1.1 only).
+    splice: super::sendfile::Splice,
 }
 
 /// What the TLS handshake settled on.
@@ -81,6 +83,7 @@ impl ConnInfo {
             awaiting_peer: AtomicU32::new(0),
             peer_stalled_since: AtomicU64::new(0),
             debug: OnceLock::new(),
+            splice: Default::default(),
         }
     }
 
@@ -192,6 +195,14 @@ impl ConnInfo {
     }
     pub fn set_protocol(&self, p: Protocol) {
         self.protocol.store(p as u8, Relaxed);
+    }
+    /// Where a file response on this connection queues the regions `sendfile` sends, if it may
+    /// (cleartext HTTP/1.1; see `conn::sendfile`).
+    pub fn sendfile(&self) -> Option<&super::sendfile::Splice> {
+        (self.splice.enabled() && self.protocol() == Protocol::Http11).then_some(&self.splice)
+    }
+    pub(super) fn splice(&self) -> &super::sendfile::Splice {
+        &self.splice
     }
     pub fn tls(&self) -> Option<&TlsSummary> {
         self.tls.get()

@@ -1,5 +1,6 @@
 //! Body types: what gatehouse's own handlers answer with, and what request handlers read.
 
+use crate::conn::{sendfile, ConnInfo};
 use bytes::Bytes;
 use bytes::BytesMut;
 use http_body::{Body, Frame, SizeHint};
@@ -102,6 +103,8 @@ pub struct FileBody {
     nowait: bool,
     /// A chunk being read on the blocking pool.
     blocking: Option<tokio::task::JoinHandle<std::io::Result<Bytes>>>,
+    /// The connection whose transport sends cached chunks with `sendfile` (see `conn::sendfile`).
+    sendfile: Option<Arc<ConnInfo>>,
 }
 
 impl FileBody {
@@ -112,6 +115,15 @@ impl FileBody {
             remaining: len,
             nowait: cfg!(target_os = "linux"),
             blocking: None,
+            sendfile: None,
+        }
+    }
+
+    /// Sends this body with `sendfile` where `conn` allows it (cleartext HTTP/1.1) and the page
+    /// cache holds the chunk; otherwise, and on other connections, chunks are read as usual.
+    pub fn sendfile_via(&mut self, conn: &Arc<ConnInfo>) {
+        if conn.sendfile().is_some() {
+            self.sendfile = Some(conn.clone());
         }
     }
 
@@ -128,6 +140,18 @@ impl FileBody {
         }
         if self.remaining == 0 {
             return Poll::Ready(None);
+        }
+        if let Some(conn) = &self.sendfile {
+            let want = self.remaining.min(sendfile::MAX_CHUNK as u64) as usize;
+            match (sendfile::cached(&self.file, self.offset, want), conn.sendfile()) {
+                (sendfile::Cached::All, Some(splice)) => {
+                    let placeholder = splice.push(self.file.clone(), self.offset, want);
+                    return Poll::Ready(Some(self.advance(placeholder)));
+                }
+                // Read from the disk on the blocking pool, as below; the next chunk may be cached.
+                (sendfile::Cached::NotAll, Some(_)) => {}
+                _ => self.sendfile = None,
+            }
         }
         let want = (self.remaining.min(FILE_CHUNK as u64)) as usize;
         if self.nowait {

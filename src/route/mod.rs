@@ -324,7 +324,13 @@ async fn dispatch(
     };
     let rest = rest.as_str();
     match &route.handler {
-        Handler::Static(files) => files.serve(req.method(), rest, req.headers()).await,
+        Handler::Static(files) => {
+            let mut resp = files.serve(req.method(), rest, req.headers()).await;
+            if let (ResponseBody::File(body), Some(ctx)) = (resp.body_mut(), req.extensions().get::<RequestContext>()) {
+                body.sendfile_via(&ctx.conn);
+            }
+            resp
+        }
         Handler::Redirect { target, status } => {
             let mut location = format!(
                 "{target}{}",

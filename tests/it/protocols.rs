@@ -111,6 +111,77 @@ async fn static_file_over_http1_h2_and_h2c() {
     srv.stop().await;
 }
 
+/// Reads one HTTP/1.1 response with a Content-Length body: its head and its body.
+async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> (String, Vec<u8>) {
+    use tokio::io::AsyncBufReadExt;
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            r.read_line(&mut line).await.unwrap() > 0,
+            "connection closed in a head: {head}"
+        );
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .unwrap_or_else(|| panic!("no content-length: {head}"))
+        .parse()
+        .unwrap();
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).await.unwrap();
+    (head, body)
+}
+
+/// Cleartext HTTP/1.1 sends files with `sendfile`. Pipelined file responses, a range and a
+/// reader with a tiny receive buffer (so the server's sends stop part way and wait) get exactly
+/// the files' bytes, and the connection carries on after them.
+#[tokio::test]
+async fn sendfile_responses_are_the_files_bytes_through_a_slow_reader() {
+    let site = static_site();
+    // Larger than a socket's send buffer can hold, so the server must wait for the reader.
+    let big: Vec<u8> = (0..5_000_021u32).map(|i| (i.wrapping_mul(40_503) >> 7) as u8).collect();
+    std::fs::write(site.path().join("big.bin"), &big).unwrap();
+    let toml = format!(
+        "[[listeners]]\nname = \"clear\"\naddress = \"127.0.0.1:0\"\n[[routes]]\nstatic = \"{}\"\n",
+        site.path().display()
+    );
+    let srv = TestServer::start(&toml).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(srv.addr("clear")).await.unwrap();
+    conn.write_all(
+        b"GET /big.bin HTTP/1.1\r\nhost: a\r\n\r\n\
+          GET /large.bin HTTP/1.1\r\nhost: a\r\nrange: bytes=65000-300006\r\n\r\n\
+          GET /big.bin HTTP/1.1\r\nhost: a\r\nrange: bytes=262143-262144\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut r = tokio::io::BufReader::with_capacity(1024, conn);
+    let (head, body) = read_response(&mut r).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body == big, "big.bin differs");
+    let (head, body) = read_response(&mut r).await;
+    assert!(head.starts_with("HTTP/1.1 206"), "{head}");
+    assert!(body == large_file()[65000..], "the range of large.bin differs");
+    let (head, body) = read_response(&mut r).await;
+    assert!(head.starts_with("HTTP/1.1 206"), "{head}");
+    assert_eq!(body, big[262_143..=262_144]);
+    // The connection is still in step: a small answer comes next.
+    r.get_mut()
+        .write_all(b"GET /data.txt HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut r).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"0123456789abcdefghij");
+    srv.stop().await;
+}
+
 /// Reads what the server sends back after a ClientHello it refuses: a TLS alert record.
 async fn alert_after_hello(addr: std::net::SocketAddr, pki: &Pki, alpn: &[&str]) -> (std::io::Error, Option<u8>) {
     let err = match tls_connect(addr, "localhost", pki.client_config(alpn)).await {
