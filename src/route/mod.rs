@@ -308,7 +308,9 @@ async fn dispatch(
             Ok(slot) => slot,
             Err(shed) => return *shed,
         };
-        let mut resp = crate::proxy::forward(u, req).await;
+        // Boxed: the proxy's state is most of a route's, and inline it would make every request's
+        // future (a static file's, a fixed answer's) that large, allocated and moved on each call.
+        let mut resp = Box::pin(crate::proxy::forward(u, req)).await;
         // The class slot is held until the response body ends (a streamed response keeps the
         // upstream busy); any other answer is complete here, and the slot drops with this scope.
         if let (Some(slot), ResponseBody::Upstream(body)) = (slot, resp.body_mut()) {
