@@ -28,7 +28,7 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -76,9 +76,22 @@ pub(super) struct H1<T: Transport, S: HttpService<B>, B: ServiceBody> {
     svc: S,
     /// `None`: this connection never releases (TLS, upgrades, or a release that failed).
     release_after: Option<Duration>,
-    /// The watchdog found the connection idle for `release_after`: release at the next poll.
-    release_due: bool,
+    /// With a non-zero `release_after`: fires when the connection's current idle spell reaches
+    /// it. Made at the first idle spell of a hyper connection and dropped with it at the release,
+    /// so a parked connection holds none. Moving it later for each new idle spell of a busy
+    /// connection only stores the new deadline (tokio re-files it when the old one fires).
+    release_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The last release was followed by a request within [`BUSY_GAP`]: this connection carries
+    /// back-to-back requests, and holds its state through idle spells shorter than [`BUSY_HOLD`].
+    busy: bool,
 }
+
+/// A connection whose next request came this soon after a release is busy: releasing after each
+/// of its responses would rebuild hyper's state for every request (about 1 µs, 5–10% of a small
+/// request's CPU; docs/performance.md) to free memory for a few microseconds.
+const BUSY_GAP: Duration = Duration::from_millis(10);
+/// How long a busy connection stays idle before it releases after all.
+const BUSY_HOLD: Duration = Duration::from_secs(1);
 
 // Nothing in it is pinned in place: the hyper connections are boxed, and the service is cloned for
 // each hyper connection. So `drive` may pin it while it is taken apart and rebuilt.
@@ -96,7 +109,8 @@ where
             conn: conn.clone(),
             svc,
             release_after: None,
-            release_due: false,
+            release_timer: None,
+            busy: false,
         };
         if T::RELEASABLE {
             // Cleartext TCP: file responses may go out through `sendfile` (see `conn::sendfile`).
@@ -148,6 +162,7 @@ where
         let State::Plain(mut hconn) = std::mem::replace(&mut self.state, State::Done(None, PhantomData)) else {
             return;
         };
+        self.release_timer = None;
         // Idle, hyper closes at once and writes nothing; without shutdown, the socket stays open.
         Pin::new(&mut *hconn).graceful_shutdown();
         match hconn.poll_without_shutdown(cx) {
@@ -206,6 +221,9 @@ where
                     let State::Parked(io) = std::mem::replace(&mut this.state, State::Done(None, PhantomData)) else {
                         unreachable!("matched above");
                     };
+                    // Not for the first request: a client sends that as soon as it connects.
+                    let info = &this.conn.info;
+                    this.busy = info.requests() > 0 && info.idle_since().elapsed() < BUSY_GAP;
                     this.build(io);
                 }
                 State::Plain(hconn) => {
@@ -223,9 +241,26 @@ where
                         this.conn.upgrades.open();
                         continue;
                     }
-                    let due = std::mem::take(&mut this.release_due) || this.release_after == Some(Duration::ZERO);
-                    if !(due && this.idle()) {
+                    let Some(mut after) = this.release_after else {
                         return Poll::Pending;
+                    };
+                    if this.busy {
+                        after = after.max(BUSY_HOLD);
+                    }
+                    if !this.idle() {
+                        return Poll::Pending;
+                    }
+                    if !after.is_zero() {
+                        let at = tokio::time::Instant::from_std(this.conn.info.idle_since() + after);
+                        let timer = this
+                            .release_timer
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                        if timer.deadline() != at {
+                            timer.as_mut().reset(at);
+                        }
+                        if timer.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
                     }
                     this.release(cx);
                 }
@@ -245,43 +280,37 @@ where
             State::Done(..) => {}
         }
     }
-
-    fn release_check(self: Pin<&mut Self>, now: Instant) -> Option<Instant> {
-        let this = self.get_mut();
-        let after = this.release_after.filter(|d| !d.is_zero())?;
-        if !matches!(this.state, State::Plain(_)) {
-            return None;
-        }
-        if !this.idle() {
-            // Busy: look again later rather than re-arm a timer when each request ends.
-            return Some(now + after);
-        }
-        let due = this.conn.info.idle_since() + after;
-        if now < due {
-            return Some(due);
-        }
-        this.release_due = true;
-        None
-    }
 }
 
 /// Serves HTTP/1.1 on `io` until the connection closes, or switches to HTTP/2 (`Upgrade: h2c`).
-pub(super) async fn serve_h1<T, S, B>(io: MeteredIo<T>, conn: &Arc<ConnShared>, svc: S) -> CloseReason
+///
+/// Not an `async fn`: one copies each argument into a second slot of its future, and this future
+/// is in every HTTP/1.1 connection's task for its whole life (docs/performance.md, idle memory).
+pub(super) fn serve_h1<'a, T, S, B>(
+    io: MeteredIo<T>,
+    conn: &'a Arc<ConnShared>,
+    svc: S,
+) -> impl Future<Output = CloseReason> + 'a
 where
     T: Transport,
     S: HttpService<B>,
     B: ServiceBody,
 {
+    // Built before the future, which then holds the connection rather than its parts.
     conn.info.set_protocol(Protocol::Http11);
-    let reason = drive(H1::new(io, conn, svc.clone()), conn, Protocol::Http11).await;
-    let pending = conn.pending_h2c.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let Some(pending) = pending else { return reason };
-    match pending.on_upgrade.await {
-        Ok(upgraded) => {
-            tracing::debug!(conn_id = conn.info.id, "switched to HTTP/2 via Upgrade: h2c");
-            let io = h2c::Spliced::new(TokioIo::new(upgraded), pending.stream_one);
-            Box::pin(serve_h2(io, conn, svc, Protocol::H2c)).await
+    let mut h1 = H1::new(io, conn, svc.clone());
+    async move {
+        let reason = drive(Pin::new(&mut h1), conn, Protocol::Http11).await;
+        drop(h1);
+        let pending = conn.pending_h2c.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(pending) = pending else { return reason };
+        match pending.on_upgrade.await {
+            Ok(upgraded) => {
+                tracing::debug!(conn_id = conn.info.id, "switched to HTTP/2 via Upgrade: h2c");
+                let io = h2c::Spliced::new(TokioIo::new(upgraded), pending.stream_one);
+                Box::pin(serve_h2(io, conn, svc, Protocol::H2c)).await
+            }
+            Err(_) => CloseReason::ProtocolError,
         }
-        Err(_) => CloseReason::ProtocolError,
     }
 }

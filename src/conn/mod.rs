@@ -16,4 +16,5 @@ mod watchdog;
 pub use context::{ConnSettings, ConnShared, ListenerShared, PendingH2c, ProtocolPolicy, UpgradeGate};
 pub use registry::{ConnInfo, Registry, TlsSummary};
 pub use serve::serve_connection;
+pub(crate) use serve::serve_connection_holding;
 pub use state::{CloseReason, ConnState, Protocol};

@@ -31,107 +31,134 @@ where
     S: HttpService<B>,
     B: ServiceBody,
 {
-    let local = tcp.local_addr().unwrap_or(peer);
-    let _ = tcp.set_nodelay(true);
-    let id = listener.registry.next_id();
-    let initial = if listener.tls.is_some() {
-        ConnState::Handshaking
-    } else {
-        ConnState::Idle
-    };
-    let info = Arc::new(ConnInfo::new(id, listener.name.0.clone(), peer, local, initial));
-    info.watch_transitions(listener.debug.clone());
-    listener.registry.insert(info.clone());
-    listener
-        .debug
-        .event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
-            format!("conn {id} opened from {peer} on {local}, state {}", initial.as_str())
-        });
-    let conn = Arc::new(ConnShared {
-        info: info.clone(),
-        listener: listener.clone(),
-        close_requested: tokio::sync::Notify::new(),
-        pending_h2c: Mutex::new(None),
-        upgrades: super::UpgradeGate::default(),
-        close_cause: std::sync::OnceLock::new(),
-    });
-    let reason = run(tcp, &conn, svc).await;
-    info.set_state(ConnState::Closed);
-    listener.metrics.connection_closed(&listener.name, reason);
-    listener.registry.remove(id);
-    tracing::debug!(
-        conn_id = id,
-        listener = %listener.name.0,
-        remote = %peer,
-        protocol = info.protocol().as_str(),
-        reason = reason.as_str(),
-        requests = info.requests(),
-        bytes_in = info.bytes_in(),
-        bytes_out = info.bytes_out(),
-        age_ms = info.opened.elapsed().as_millis() as u64,
-        "connection closed"
-    );
-    listener
-        .debug
-        .event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
-            format!("conn {id} closed: {reason} after {} requests", info.requests())
-        });
+    serve_connection_holding(tcp, peer, listener, svc, ()).await
 }
 
-async fn run<S, B>(tcp: TcpStream, conn: &Arc<ConnShared>, svc: S) -> CloseReason
+/// [`serve_connection`], dropping `guard` when the connection has closed: the accept loop's
+/// admission permit and drain token ride in the connection's own future, with no wrapper.
+///
+/// Not an `async fn`: one copies each argument into a second slot of its future, and this future
+/// is in every connection's task for its whole life (docs/performance.md, idle memory).
+#[allow(clippy::manual_async_fn)] // On purpose: see above.
+pub(crate) fn serve_connection_holding<S, B, G>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<ListenerShared>,
+    svc: S,
+    guard: G,
+) -> impl Future<Output = ()>
+where
+    S: HttpService<B>,
+    B: ServiceBody,
+    G: Send + 'static,
+{
+    async move {
+        let local = tcp.local_addr().unwrap_or(peer);
+        let _ = tcp.set_nodelay(true);
+        let id = listener.registry.next_id();
+        let initial = if listener.tls.is_some() {
+            ConnState::Handshaking
+        } else {
+            ConnState::Idle
+        };
+        let info = Arc::new(ConnInfo::new(id, listener.name.0.clone(), peer, local, initial));
+        info.watch_transitions(listener.debug.clone());
+        listener.registry.insert(info.clone());
+        listener
+            .debug
+            .event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
+                format!("conn {id} opened from {peer} on {local}, state {}", initial.as_str())
+            });
+        let conn = Arc::new(ConnShared {
+            info: info.clone(),
+            listener: listener.clone(),
+            close_requested: tokio::sync::Notify::new(),
+            pending_h2c: Mutex::new(None),
+            upgrades: super::UpgradeGate::default(),
+            close_cause: std::sync::OnceLock::new(),
+        });
+        let reason = run(tcp, &conn, svc).await;
+        info.set_state(ConnState::Closed);
+        listener.metrics.connection_closed(&listener.name, reason);
+        listener.registry.remove(id);
+        tracing::debug!(
+            conn_id = id,
+            listener = %listener.name.0,
+            remote = %peer,
+            protocol = info.protocol().as_str(),
+            reason = reason.as_str(),
+            requests = info.requests(),
+            bytes_in = info.bytes_in(),
+            bytes_out = info.bytes_out(),
+            age_ms = info.opened.elapsed().as_millis() as u64,
+            "connection closed"
+        );
+        listener
+            .debug
+            .event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
+                format!("conn {id} closed: {reason} after {} requests", info.requests())
+            });
+        drop(guard);
+    }
+}
+
+// Not an `async fn`, for the reason `serve_connection_holding` gives.
+#[allow(clippy::manual_async_fn)]
+fn run<'a, S, B>(tcp: TcpStream, conn: &'a Arc<ConnShared>, svc: S) -> impl Future<Output = CloseReason> + 'a
 where
     S: HttpService<B>,
     B: ServiceBody,
 {
-    let listener = &conn.listener;
-    let info = &conn.info;
-    let settings = listener.settings.load_full();
-    if listener.tls.is_some() {
-        // Boxed: the handshake's state is large, and inline it would size every connection's
-        // task, cleartext ones included, for their whole life.
-        return Box::pin(serve_tls(tcp, conn, svc, settings.timeouts.tls_handshake.get())).await;
-    }
-    let policy = listener.policy.load_full();
-    match (policy.http1, policy.h2c) {
-        (true, true) => {
-            // Boxed: it is over once the first bytes have arrived, and inline its state would
-            // size every connection's task for its whole life.
-            let sniffed = Box::pin(async {
-                tokio::select! {
-                    s = sniff_preface(tcp, settings.timeouts.first_request.get()) => Some(s),
-                    _ = listener.shutdown.draining() => None,
+    async move {
+        let listener = &conn.listener;
+        let info = &conn.info;
+        let settings = listener.settings.load_full();
+        if listener.tls.is_some() {
+            // Boxed: the handshake's state is large, and inline it would size every connection's
+            // task, cleartext ones included, for their whole life.
+            return Box::pin(serve_tls(tcp, conn, svc, settings.timeouts.tls_handshake.get())).await;
+        }
+        let policy = listener.policy.load_full();
+        match (policy.http1, policy.h2c) {
+            (true, true) => {
+                // Boxed: it is over once the first bytes have arrived, and inline its state would
+                // size every connection's task for its whole life.
+                let sniffed = Box::pin(async {
+                    tokio::select! {
+                        s = sniff_preface(tcp, settings.timeouts.first_request.get()) => Some(s),
+                        _ = listener.shutdown.draining() => None,
+                    }
+                })
+                .await;
+                let Some(sniffed) = sniffed else {
+                    return CloseReason::Shutdown;
+                };
+                // Settled before anything is awaited, so that the sniffed result takes no room in
+                // this future while the connection is served.
+                let (h2, io) = match sniffed {
+                    Sniffed::Timeout => return CloseReason::FirstRequestTimeout,
+                    Sniffed::Closed => return CloseReason::ClientClosed,
+                    Sniffed::Error => return CloseReason::IoError,
+                    Sniffed::Preface(tcp, prefix) => (true, MeteredIo::new(tcp, prefix, info.clone())),
+                    Sniffed::Other(tcp, prefix) => (false, MeteredIo::new(tcp, prefix, info.clone())),
+                };
+                if h2 {
+                    Box::pin(serve_h2(io, conn, svc, Protocol::H2c)).await
+                } else {
+                    serve_h1(io, conn, svc).await
                 }
-            })
-            .await;
-            let Some(sniffed) = sniffed else {
-                return CloseReason::Shutdown;
-            };
-            match sniffed {
-                Sniffed::Timeout => CloseReason::FirstRequestTimeout,
-                Sniffed::Closed => CloseReason::ClientClosed,
-                Sniffed::Error => CloseReason::IoError,
-                Sniffed::Preface(tcp, prefix) => {
-                    Box::pin(serve_h2(
-                        MeteredIo::new(tcp, prefix, info.clone()),
-                        conn,
-                        svc,
-                        Protocol::H2c,
-                    ))
-                    .await
-                }
-                Sniffed::Other(tcp, prefix) => serve_h1(MeteredIo::new(tcp, prefix, info.clone()), conn, svc).await,
             }
+            (false, true) => {
+                Box::pin(serve_h2(
+                    MeteredIo::new(tcp, Bytes::new(), info.clone()),
+                    conn,
+                    svc,
+                    Protocol::H2c,
+                ))
+                .await
+            }
+            _ => serve_h1(MeteredIo::new(tcp, Bytes::new(), info.clone()), conn, svc).await,
         }
-        (false, true) => {
-            Box::pin(serve_h2(
-                MeteredIo::new(tcp, Bytes::new(), info.clone()),
-                conn,
-                svc,
-                Protocol::H2c,
-            ))
-            .await
-        }
-        _ => serve_h1(MeteredIo::new(tcp, Bytes::new(), info.clone()), conn, svc).await,
     }
 }
 
@@ -326,7 +353,7 @@ where
     let (io, flooded) = H2Watch::new(io, conn.clone());
     let pipeline = Pipeline::new(svc, conn.clone());
     let hconn = b.serve_connection(TokioIo::new(io), pipeline);
-    let reason = drive(hconn, conn, protocol).await;
+    let reason = drive(std::pin::pin!(hconn), conn, protocol).await;
     if flooded.get() {
         // The watch sent GOAWAY(ENHANCE_YOUR_CALM) and failed the read; whatever hyper made of
         // that, the connection ended on a limit.
@@ -340,11 +367,6 @@ pub(super) trait Graceful {
     /// Runs the connection; ready when it has ended.
     fn poll_conn(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>>;
     fn graceful(self: Pin<&mut Self>);
-    /// At a watchdog wakeup with nothing expired: when to look again so that an idle connection
-    /// releases its protocol state on time (HTTP/1.1; see `h1`). `None`: no need to.
-    fn release_check(self: Pin<&mut Self>, _now: std::time::Instant) -> Option<std::time::Instant> {
-        None
-    }
 }
 
 impl<I, S, E> Graceful for http2::Connection<I, S, E>
@@ -364,11 +386,14 @@ where
 }
 
 /// Runs a hyper connection to its end, applying drain, max-requests and the watchdog.
-pub(super) async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Protocol) -> CloseReason {
+///
+/// The connection is pinned by the caller: taken by value, it would be stored twice in this
+/// future (as the argument and as the pinned local), and this future is in every connection's
+/// task for its whole life (docs/performance.md, idle memory).
+pub(super) async fn drive<C: Graceful>(mut hconn: Pin<&mut C>, conn: &ConnShared, protocol: Protocol) -> CloseReason {
     let listener = &conn.listener;
     let info = &conn.info;
     let http1 = protocol == Protocol::Http11;
-    tokio::pin!(hconn);
     let mut initiated: Option<CloseReason> = None;
     // When a graceful close we started should have finished.
     let mut grace_until = tokio::time::Instant::now();
@@ -477,11 +502,7 @@ pub(super) async fn drive<C: Graceful>(hconn: C, conn: &ConnShared, protocol: Pr
                     continue;
                 }
                 match verdict {
-                    Verdict::Recheck(_) => {
-                        let release = hconn.as_mut().release_check(now.into_std());
-                        let at = release.map_or(recheck, |r| recheck.min(tokio::time::Instant::from_std(r)));
-                        sleep.as_mut().reset(at);
-                    }
+                    Verdict::Recheck(_) => sleep.as_mut().reset(recheck),
                     Verdict::Expired(reason) if !http1 && info.requests() > 0 => {
                         // HTTP/2: say goodbye with GOAWAY rather than a bare close; bound the wait.
                         initiated = Some(reason);

@@ -11,7 +11,7 @@ pub use acceptor::{AcceptErrors, Acceptor};
 pub use limits::{Admission, ConnLimits};
 pub use set::{BoundListener, ClosingListener, ListenerCommon, ListenerSet, Origin, StartAccepting};
 
-use crate::conn::{serve_connection, ListenerShared};
+use crate::conn::{serve_connection_holding, ListenerShared};
 use crate::http::{HttpService, ServiceBody};
 use crate::observe::Switch;
 use std::net::SocketAddr;
@@ -101,11 +101,7 @@ where
         let open = shared.open.enter();
         let shared = shared.clone();
         let svc = svc.clone();
-        tokio::spawn(async move {
-            serve_connection(tcp, peer, shared, svc).await;
-            drop(permit);
-            drop(open);
-        });
+        tokio::spawn(serve_connection_holding(tcp, peer, shared, svc, (permit, open)));
     }
     tracing::debug!(listener = %shared.name.0, "stopped accepting");
 }
