@@ -257,6 +257,7 @@ fn connections(h: &ServerHandle, query: &str) -> Response<Full<Bytes>> {
                 "requests": c.requests(),
                 "bytes_in": c.bytes_in(),
                 "bytes_out": c.bytes_out(),
+                "bytes_sendfile": c.bytes_sendfile(),
             })
         })
         .collect();

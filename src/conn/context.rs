@@ -90,12 +90,6 @@ pub struct UpgradeGate {
 }
 
 impl UpgradeGate {
-    /// A gate that is open from the start (a connection that never releases hyper's state).
-    pub fn opened() -> Self {
-        let gate = UpgradeGate::default();
-        gate.open.store(true, Ordering::Release);
-        gate
-    }
     pub fn is_open(&self) -> bool {
         self.open.load(Ordering::Acquire)
     }

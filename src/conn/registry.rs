@@ -204,6 +204,10 @@ impl ConnInfo {
     pub(super) fn splice(&self) -> &super::sendfile::Splice {
         &self.splice
     }
+    /// Of `bytes_out`, those sent with `sendfile` (file responses on cleartext HTTP/1.1).
+    pub fn bytes_sendfile(&self) -> u64 {
+        self.splice.sent()
+    }
     pub fn tls(&self) -> Option<&TlsSummary> {
         self.tls.get()
     }

@@ -23,7 +23,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -55,6 +55,8 @@ pub struct Splice {
     /// Set for a cleartext TCP transport, whose writes can go through `sendfile`.
     enabled: AtomicBool,
     queue: Mutex<VecDeque<Region>>,
+    /// Bytes sent with `sendfile` (part of the connection's bytes out).
+    sent: AtomicU64,
 }
 
 impl Splice {
@@ -64,6 +66,11 @@ impl Splice {
 
     pub fn enabled(&self) -> bool {
         self.enabled.load(Relaxed)
+    }
+
+    /// Bytes this connection has sent with `sendfile`.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Relaxed)
     }
 
     /// Queues `len` bytes of `file` from `offset` (at most [`MAX_CHUNK`]) and returns the
@@ -107,6 +114,7 @@ impl Splice {
             placeholder.len()
         ))?;
         front.sent += n;
+        self.sent.fetch_add(n as u64, Relaxed);
         if front.sent == front.len {
             queue.pop_front();
         }
@@ -149,7 +157,7 @@ impl SpliceTarget for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
 }
 
 /// How much of `len` bytes of `file` from `offset` the page cache holds.
-pub enum Cached {
+pub enum InCache {
     All,
     NotAll,
     /// This kernel has no `cachestat(2)` (before Linux 6.5), or this file system none.
@@ -159,7 +167,7 @@ pub enum Cached {
 /// Asks the page cache (`cachestat(2)`), without reading or mapping the file.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)] // One raw syscall: neither rustix nor std wraps cachestat(2).
-pub fn cached(file: &File, offset: u64, len: usize) -> Cached {
+pub fn cached(file: &File, offset: u64, len: usize) -> InCache {
     use std::os::fd::AsRawFd;
     #[repr(C)]
     struct Range {
@@ -205,19 +213,19 @@ pub fn cached(file: &File, offset: u64, len: usize) -> Cached {
                 "sendfile is off for file responses: the kernel cannot say what the page cache holds (cachestat(2) needs Linux 6.5); files are read and copied instead"
             )
         });
-        return Cached::Unknown;
+        return InCache::Unknown;
     }
     let pages = range.len.div_ceil(PAGE);
     if stat.nr_cache >= pages {
-        Cached::All
+        InCache::All
     } else {
-        Cached::NotAll
+        InCache::NotAll
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-pub fn cached(_: &File, _: u64, _: usize) -> Cached {
-    Cached::Unknown
+pub fn cached(_: &File, _: u64, _: usize) -> InCache {
+    InCache::Unknown
 }
 
 #[cfg(test)]
@@ -257,6 +265,7 @@ mod tests {
             rest = &rest[n..];
         }
         assert!(splice.lock().is_empty(), "a region sent whole leaves the queue");
+        assert_eq!(splice.sent(), 150_000);
         // With nothing queued, or out of order, a placeholder is refused and nothing is sent.
         let err = std::future::poll_fn(|cx| splice.poll_send(&server, cx, &placeholder[..10]))
             .await
@@ -280,6 +289,6 @@ mod tests {
         let mut f = tempfile::tempfile().expect("tempfile");
         f.write_all(&[1u8; 3 * 4096 + 10]).expect("write");
         // Just written, so cached (or the kernel cannot say).
-        assert!(matches!(cached(&f, 100, 3 * 4096), Cached::All | Cached::Unknown));
+        assert!(matches!(cached(&f, 100, 3 * 4096), InCache::All | InCache::Unknown));
     }
 }

@@ -144,12 +144,12 @@ impl FileBody {
         if let Some(conn) = &self.sendfile {
             let want = self.remaining.min(sendfile::MAX_CHUNK as u64) as usize;
             match (sendfile::cached(&self.file, self.offset, want), conn.sendfile()) {
-                (sendfile::Cached::All, Some(splice)) => {
+                (sendfile::InCache::All, Some(splice)) => {
                     let placeholder = splice.push(self.file.clone(), self.offset, want);
                     return Poll::Ready(Some(self.advance(placeholder)));
                 }
                 // Read from the disk on the blocking pool, as below; the next chunk may be cached.
-                (sendfile::Cached::NotAll, Some(_)) => {}
+                (sendfile::InCache::NotAll, Some(_)) => {}
                 _ => self.sendfile = None,
             }
         }

@@ -328,8 +328,10 @@ async fn dispatch(
     match &route.handler {
         Handler::Static(files) => {
             let mut resp = files.serve(req.method(), rest, req.headers()).await;
-            if let (ResponseBody::File(body), Some(ctx)) = (resp.body_mut(), req.extensions().get::<RequestContext>()) {
-                body.sendfile_via(&ctx.conn);
+            if let ResponseBody::File(body) = resp.body_mut() {
+                if let Some(ctx) = req.extensions().get::<RequestContext>() {
+                    body.sendfile_via(&ctx.conn);
+                }
             }
             resp
         }

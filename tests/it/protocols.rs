@@ -171,6 +171,18 @@ async fn sendfile_responses_are_the_files_bytes_through_a_slow_reader() {
     let (head, body) = read_response(&mut r).await;
     assert!(head.starts_with("HTTP/1.1 206"), "{head}");
     assert_eq!(body, big[262_143..=262_144]);
+    // The big file went out through `sendfile`, not through a copy (the other two responses may
+    // have too, when their chunks were cached).
+    // (A kernel without cachestat(2), before Linux 6.5, copies instead, and says so.)
+    let file = std::fs::File::open(site.path().join("big.bin")).unwrap();
+    let kernel_can_tell = !matches!(
+        gatehouse::conn::sendfile::cached(&file, 0, 4096),
+        gatehouse::conn::sendfile::InCache::Unknown
+    );
+    let spliced: u64 = srv.handle.registry.snapshot().iter().map(|c| c.bytes_sendfile()).sum();
+    if kernel_can_tell {
+        assert!(spliced >= big.len() as u64, "{spliced} bytes sent with sendfile");
+    }
     // The connection is still in step: a small answer comes next.
     r.get_mut()
         .write_all(b"GET /data.txt HTTP/1.1\r\nhost: a\r\n\r\n")
