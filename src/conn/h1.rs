@@ -3,9 +3,11 @@
 //! A hyper HTTP/1.1 connection holds two 8 KiB buffers for its whole life. Like nginx's
 //! `ngx_http_set_keepalive`, a cleartext connection that has been idle for
 //! `limits.idle_release_after` ends its hyper connection (which, idle, closes without writing a
-//! byte), keeps only the socket, waits for it to become readable without a read buffer, and
-//! builds a new hyper connection for the next request. Bytes hyper had read but not parsed (part
-//! of a pipelined head) are replayed into the next one.
+//! byte) and is *parked*: the stretch of serving ends with [`Step::Parked`], which frees
+//! everything but the socket, and the connection's task waits in [`park`] for the socket to
+//! become readable, without a read buffer, before [`serve_h1`] builds a new hyper connection for
+//! the next request. Bytes hyper had read but not parsed (part of a pipelined head) are replayed
+//! into the next one. A fresh cleartext connection starts parked, as nothing has arrived yet.
 //!
 //! hyper's upgradeable connection cannot give its socket back, so a connection starts with the
 //! plain one and switches for the rest of its life when a request could upgrade (see
@@ -15,7 +17,8 @@
 
 use super::io::MeteredIo;
 use super::sendfile::SpliceTarget;
-use super::serve::{drive, h1_builder, serve_h2, Graceful};
+use super::serve::{drive, h1_builder, serve_h2, Graceful, Step};
+use super::watchdog::{self, Verdict};
 use super::{h2c, CloseReason, Protocol};
 use super::{ConnShared, ConnState};
 use crate::http::{HttpService, Pipeline, ServiceBody};
@@ -23,35 +26,35 @@ use bytes::Bytes;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use std::future::Future;
-use std::io;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 /// A connection's transport, as far as releasing hyper's state goes.
-pub(super) trait Transport: AsyncRead + AsyncWrite + SpliceTarget + Unpin + Send + 'static {
+pub(super) trait Transport: AsyncRead + AsyncWrite + SpliceTarget + Unpin + Send + Sized + 'static {
     /// Whether a connection on this transport may release hyper's state while idle.
     const RELEASABLE: bool;
-    /// Resolves when a read would not block, without reading (so without a buffer).
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// The stretch of serving that released hyper's state on `io` ends with this.
+    fn parked(io: MeteredIo<Self>) -> Step;
 }
 
 impl Transport for TcpStream {
     const RELEASABLE: bool = true;
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        TcpStream::poll_read_ready(self, cx)
+    fn parked(io: MeteredIo<Self>) -> Step {
+        Step::Parked(io)
     }
 }
 
 impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
     const RELEASABLE: bool = false;
-    /// Never parked (see the module docs); "maybe readable" is always a correct answer.
-    fn poll_read_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    /// Never called: a TLS connection never releases (see the module docs). Were it to, ending
+    /// the connection is the sound answer, as rustls may hold bytes the socket no longer shows.
+    fn parked(_io: MeteredIo<Self>) -> Step {
+        Step::Closed(CloseReason::IoError)
     }
 }
 
@@ -59,13 +62,12 @@ type Io<T> = TokioIo<MeteredIo<T>>;
 
 /// Where an HTTP/1.1 connection's hyper state is.
 enum State<T: Transport, S: HttpService<B>, B: ServiceBody> {
-    /// Released: the socket alone waits for the next request's bytes.
-    Parked(MeteredIo<T>),
-    /// Boxed, so that releasing it frees its memory rather than leaving its room in the task.
+    /// Released while idle: only the socket is left, for [`park`].
+    Released(MeteredIo<T>),
     Plain(Box<http1::Connection<Io<T>, Pipeline<S>>>),
     Upgradeable(Pin<Box<http1::UpgradeableConnection<Io<T>, Pipeline<S>>>>),
-    /// Over: a graceful close found it parked (`Ok`), or its release failed. (The marker names
-    /// the response body type, which the hyper connections' types need.)
+    /// Over: its release failed. (The marker names the response body type, which the hyper
+    /// connections' types need.)
     Done(Option<hyper::Result<()>>, PhantomData<fn() -> B>),
 }
 
@@ -102,25 +104,23 @@ where
     S: HttpService<B>,
     B: ServiceBody,
 {
-    /// A connection whose first bytes may already have been read (`io`'s prefix).
+    /// A connection whose next request has arrived or is arriving (part of it may already have
+    /// been read: `io`'s prefix).
     pub(super) fn new(io: MeteredIo<T>, conn: &Arc<ConnShared>, svc: S) -> Self {
+        let info = &conn.info;
         let mut h1 = H1 {
             state: State::Done(None, PhantomData),
             conn: conn.clone(),
             svc,
             release_after: None,
             release_timer: None,
-            busy: false,
+            // Not for the first request: a client sends that as soon as it connects.
+            busy: info.requests() > 0 && info.idle_since().elapsed() < BUSY_GAP,
         };
         if T::RELEASABLE {
             // Cleartext TCP: file responses may go out through `sendfile` (see `conn::sendfile`).
-            conn.info.splice().enable();
-            if io.has_prefix() {
-                h1.build(io);
-            } else {
-                // Nothing to parse yet: wait for the first request the way an idle one waits.
-                h1.state = State::Parked(io);
-            }
+            info.splice().enable();
+            h1.build(io);
         } else {
             conn.upgrades.open();
             let pipeline = Pipeline::new(h1.svc.clone(), conn.clone());
@@ -175,7 +175,7 @@ where
                     io.replay(Bytes::copy_from_slice(&parts.read_buf));
                     self.conn.info.note_read();
                 }
-                self.state = State::Parked(io);
+                self.state = State::Released(io);
                 let (info, listener) = (&self.conn.info, &self.conn.listener);
                 listener
                     .debug
@@ -211,21 +211,8 @@ where
         let this = self.get_mut();
         loop {
             match &mut this.state {
-                State::Parked(io) => {
-                    // Bytes kept from the last hyper connection may hold a whole request: they
-                    // are parsed at once, not after the peer sends more.
-                    if !io.has_prefix() {
-                        // An error is left for hyper's first read to report, as it would have been.
-                        let _ = std::task::ready!(io.get_ref().poll_read_ready(cx));
-                    }
-                    let State::Parked(io) = std::mem::replace(&mut this.state, State::Done(None, PhantomData)) else {
-                        unreachable!("matched above");
-                    };
-                    // Not for the first request: a client sends that as soon as it connects.
-                    let info = &this.conn.info;
-                    this.busy = info.requests() > 0 && info.idle_since().elapsed() < BUSY_GAP;
-                    this.build(io);
-                }
+                // The stretch ends here; `serve_h1` takes the socket to park it.
+                State::Released(_) => return Poll::Ready(Ok(())),
                 State::Plain(hconn) => {
                     if let Poll::Ready(res) = Pin::new(&mut **hconn).poll(cx) {
                         return Poll::Ready(res);
@@ -273,24 +260,23 @@ where
     fn graceful(self: Pin<&mut Self>) {
         let this = self.get_mut();
         match &mut this.state {
-            // Parked means idle: close it now, as hyper closes an idle connection.
-            State::Parked(_) => this.state = State::Done(Some(Ok(())), PhantomData),
             State::Plain(hconn) => Pin::new(&mut **hconn).graceful_shutdown(),
             State::Upgradeable(hconn) => hconn.as_mut().graceful_shutdown(),
-            State::Done(..) => {}
+            State::Released(_) | State::Done(..) => {}
         }
     }
 }
 
-/// Serves HTTP/1.1 on `io` until the connection closes, or switches to HTTP/2 (`Upgrade: h2c`).
+/// Serves HTTP/1.1 on `io` until the connection closes, switches to HTTP/2 (`Upgrade: h2c`), or
+/// releases hyper's state while idle ([`Step::Parked`]).
 ///
-/// Not an `async fn`: one copies each argument into a second slot of its future, and this future
-/// is in every HTTP/1.1 connection's task for its whole life (docs/performance.md, idle memory).
+/// Not an `async fn`: one copies each argument into a second slot of its future.
+#[allow(clippy::manual_async_fn)] // On purpose: see above.
 pub(super) fn serve_h1<'a, T, S, B>(
     io: MeteredIo<T>,
     conn: &'a Arc<ConnShared>,
     svc: S,
-) -> impl Future<Output = CloseReason> + 'a
+) -> impl Future<Output = Step> + 'a
 where
     T: Transport,
     S: HttpService<B>,
@@ -301,16 +287,78 @@ where
     let mut h1 = H1::new(io, conn, svc.clone());
     async move {
         let reason = drive(Pin::new(&mut h1), conn, Protocol::Http11).await;
+        if let State::Released(_) = h1.state {
+            let State::Released(io) = std::mem::replace(&mut h1.state, State::Done(None, PhantomData)) else {
+                unreachable!("matched above");
+            };
+            return T::parked(io);
+        }
         drop(h1);
         let pending = conn.pending_h2c.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(pending) = pending else { return reason };
-        match pending.on_upgrade.await {
+        let Some(pending) = pending else {
+            return Step::Closed(reason);
+        };
+        Step::Closed(match pending.on_upgrade.await {
             Ok(upgraded) => {
                 tracing::debug!(conn_id = conn.info.id, "switched to HTTP/2 via Upgrade: h2c");
                 let io = h2c::Spliced::new(TokioIo::new(upgraded), pending.stream_one);
                 Box::pin(serve_h2(io, conn, svc, Protocol::H2c)).await
             }
             Err(_) => CloseReason::ProtocolError,
+        })
+    }
+}
+
+/// A fresh cleartext HTTP/1.1 connection: it waits for its first request parked, like an idle one.
+pub(super) fn start_parked(io: MeteredIo<TcpStream>, conn: &ConnShared) -> Step {
+    conn.info.set_protocol(Protocol::Http11);
+    conn.info.splice().enable();
+    Step::Parked(io)
+}
+
+/// Waits, holding only the socket, until a parked connection's next request arrives (or bytes
+/// of it were kept from the last hyper connection). Ends the connection instead when its
+/// `first_request` or `idle` timeout expires, or its listener drains (an idle HTTP/1.1
+/// connection closes at once then, as hyper closes one).
+///
+/// This future and the task's own are all that a parked connection holds, so both stay small:
+/// a timer, a shutdown wait and the socket (docs/performance.md, idle memory).
+#[allow(clippy::manual_async_fn)] // Not an `async fn`, for the reason `serve_h1` gives.
+pub(super) fn park(
+    io: MeteredIo<TcpStream>,
+    conn: &ConnShared,
+) -> impl Future<Output = Result<MeteredIo<TcpStream>, CloseReason>> + Send + '_ {
+    async move {
+        // Kept bytes may hold a whole request: they are parsed at once, not after the peer sends more.
+        if io.has_prefix() {
+            return Ok(io);
         }
+        let (info, listener) = (&conn.info, &conn.listener);
+        let check = || watchdog::check(info, true, &listener.settings.load().timeouts, Instant::now());
+        let at = match check() {
+            Verdict::Recheck(at) => at,
+            Verdict::Expired(reason) => return Err(reason),
+        };
+        let timer = tokio::time::sleep_until(at.into());
+        let draining = listener.shutdown.draining();
+        tokio::pin!(timer, draining);
+        std::future::poll_fn(|cx| {
+            if draining.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(CloseReason::Shutdown));
+            }
+            // An error is left for hyper's first read to report, as it would have been.
+            if io.get_ref().poll_read_ready(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            while timer.as_mut().poll(cx).is_ready() {
+                match check() {
+                    Verdict::Recheck(at) => timer.as_mut().reset(at.into()),
+                    Verdict::Expired(reason) => return Poll::Ready(Err(reason)),
+                }
+            }
+            Poll::Pending
+        })
+        .await?;
+        Ok(io)
     }
 }

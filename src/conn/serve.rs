@@ -1,6 +1,6 @@
 //! One connection from accept to close: TLS, protocol selection, serving, and the close reason.
 
-use super::h1::serve_h1;
+use super::h1::{self, serve_h1};
 use super::h2watch::H2Watch;
 use super::io::MeteredIo;
 use super::watchdog::{self, Verdict};
@@ -37,8 +37,10 @@ where
 /// [`serve_connection`], dropping `guard` when the connection has closed: the accept loop's
 /// admission permit and drain token ride in the connection's own future, with no wrapper.
 ///
-/// Not an `async fn`: one copies each argument into a second slot of its future, and this future
-/// is in every connection's task for its whole life (docs/performance.md, idle memory).
+/// The connection is registered when this is called, and what the future keeps is only what an
+/// idle connection needs: it is in every connection's task for its whole life
+/// (docs/performance.md, idle memory). So it is not an `async fn`, which would copy each
+/// argument into a second slot of its future.
 #[allow(clippy::manual_async_fn)] // On purpose: see above.
 pub(crate) fn serve_connection_holding<S, B, G>(
     tcp: TcpStream,
@@ -52,64 +54,101 @@ where
     B: ServiceBody,
     G: Send + 'static,
 {
+    let conn = open(&tcp, peer, listener);
+    // Each stretch of serving is boxed, and the box freed when the stretch ends: between two, a
+    // parked HTTP/1.1 connection holds only this future, its socket and `park`'s timer.
+    let first: Active<'static> = Box::pin(run(tcp, conn.clone(), svc.clone()));
     async move {
-        let local = tcp.local_addr().unwrap_or(peer);
-        let _ = tcp.set_nodelay(true);
-        let id = listener.registry.next_id();
-        let initial = if listener.tls.is_some() {
-            ConnState::Handshaking
-        } else {
-            ConnState::Idle
+        let mut active = first;
+        let reason = loop {
+            let io = match active.await {
+                Step::Closed(reason) => break reason,
+                Step::Parked(io) => io,
+            };
+            match h1::park(io, &conn).await {
+                Ok(io) => active = Box::pin(serve_h1(io, &conn, svc.clone())),
+                Err(reason) => break reason,
+            }
         };
-        let info = Arc::new(ConnInfo::new(id, listener.name.0.clone(), peer, local, initial));
-        info.watch_transitions(listener.debug.clone());
-        listener.registry.insert(info.clone());
-        listener
-            .debug
-            .event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
-                format!("conn {id} opened from {peer} on {local}, state {}", initial.as_str())
-            });
-        let conn = Arc::new(ConnShared {
-            info: info.clone(),
-            listener: listener.clone(),
-            close_requested: tokio::sync::Notify::new(),
-            pending_h2c: Mutex::new(None),
-            upgrades: super::UpgradeGate::default(),
-            close_cause: std::sync::OnceLock::new(),
-        });
-        let reason = run(tcp, &conn, svc).await;
-        info.set_state(ConnState::Closed);
-        listener.metrics.connection_closed(&listener.name, reason);
-        listener.registry.remove(id);
-        tracing::debug!(
-            conn_id = id,
-            listener = %listener.name.0,
-            remote = %peer,
-            protocol = info.protocol().as_str(),
-            reason = reason.as_str(),
-            requests = info.requests(),
-            bytes_in = info.bytes_in(),
-            bytes_out = info.bytes_out(),
-            age_ms = info.opened.elapsed().as_millis() as u64,
-            "connection closed"
-        );
-        listener
-            .debug
-            .event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
-                format!("conn {id} closed: {reason} after {} requests", info.requests())
-            });
+        closed(&conn, reason);
         drop(guard);
     }
 }
 
+/// Registers a new connection.
+fn open(tcp: &TcpStream, peer: SocketAddr, listener: Arc<ListenerShared>) -> Arc<ConnShared> {
+    let local = tcp.local_addr().unwrap_or(peer);
+    let _ = tcp.set_nodelay(true);
+    let id = listener.registry.next_id();
+    let initial = if listener.tls.is_some() {
+        ConnState::Handshaking
+    } else {
+        ConnState::Idle
+    };
+    let info = Arc::new(ConnInfo::new(id, listener.name.0.clone(), peer, local, initial));
+    info.watch_transitions(listener.debug.clone());
+    listener.registry.insert(info.clone());
+    listener
+        .debug
+        .event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
+            format!("conn {id} opened from {peer} on {local}, state {}", initial.as_str())
+        });
+    Arc::new(ConnShared {
+        info,
+        listener,
+        close_requested: tokio::sync::Notify::new(),
+        pending_h2c: Mutex::new(None),
+        upgrades: super::UpgradeGate::default(),
+        close_cause: std::sync::OnceLock::new(),
+    })
+}
+
+/// Records a connection's close, and why.
+fn closed(conn: &ConnShared, reason: CloseReason) {
+    let (info, listener) = (&conn.info, &conn.listener);
+    let (id, peer) = (info.id, info.peer);
+    info.set_state(ConnState::Closed);
+    listener.metrics.connection_closed(&listener.name, reason);
+    listener.registry.remove(id);
+    tracing::debug!(
+        conn_id = id,
+        listener = %listener.name.0,
+        remote = %peer,
+        protocol = info.protocol().as_str(),
+        reason = reason.as_str(),
+        requests = info.requests(),
+        bytes_in = info.bytes_in(),
+        bytes_out = info.bytes_out(),
+        age_ms = info.opened.elapsed().as_millis() as u64,
+        "connection closed"
+    );
+    listener
+        .debug
+        .event(crate::observe::Switch::Conn, &listener.name.0, peer, || {
+            format!("conn {id} closed: {reason} after {} requests", info.requests())
+        });
+}
+
+/// How a stretch of serving a connection ended.
+pub(super) enum Step {
+    Closed(CloseReason),
+    /// An HTTP/1.1 connection idles with nothing but its socket (see `conn::h1`): it waits in
+    /// `h1::park`, and a new stretch starts with its next request.
+    Parked(MeteredIo<TcpStream>),
+}
+
+/// A stretch of serving, boxed (see `serve_connection_holding`).
+type Active<'a> = Pin<Box<dyn Future<Output = Step> + Send + 'a>>;
+
 // Not an `async fn`, for the reason `serve_connection_holding` gives.
 #[allow(clippy::manual_async_fn)]
-fn run<'a, S, B>(tcp: TcpStream, conn: &'a Arc<ConnShared>, svc: S) -> impl Future<Output = CloseReason> + 'a
+fn run<S, B>(tcp: TcpStream, conn: Arc<ConnShared>, svc: S) -> impl Future<Output = Step> + Send
 where
     S: HttpService<B>,
     B: ServiceBody,
 {
     async move {
+        let conn = &conn;
         let listener = &conn.listener;
         let info = &conn.info;
         let settings = listener.settings.load_full();
@@ -131,44 +170,39 @@ where
                 })
                 .await;
                 let Some(sniffed) = sniffed else {
-                    return CloseReason::Shutdown;
+                    return Step::Closed(CloseReason::Shutdown);
                 };
                 // Settled before anything is awaited, so that the sniffed result takes no room in
                 // this future while the connection is served.
                 let (h2, io) = match sniffed {
-                    Sniffed::Timeout => return CloseReason::FirstRequestTimeout,
-                    Sniffed::Closed => return CloseReason::ClientClosed,
-                    Sniffed::Error => return CloseReason::IoError,
+                    Sniffed::Timeout => return Step::Closed(CloseReason::FirstRequestTimeout),
+                    Sniffed::Closed => return Step::Closed(CloseReason::ClientClosed),
+                    Sniffed::Error => return Step::Closed(CloseReason::IoError),
                     Sniffed::Preface(tcp, prefix) => (true, MeteredIo::new(tcp, prefix, info.clone())),
                     Sniffed::Other(tcp, prefix) => (false, MeteredIo::new(tcp, prefix, info.clone())),
                 };
                 if h2 {
-                    Box::pin(serve_h2(io, conn, svc, Protocol::H2c)).await
+                    Step::Closed(Box::pin(serve_h2(io, conn, svc, Protocol::H2c)).await)
                 } else {
                     serve_h1(io, conn, svc).await
                 }
             }
-            (false, true) => {
+            (false, true) => Step::Closed(
                 Box::pin(serve_h2(
                     MeteredIo::new(tcp, Bytes::new(), info.clone()),
                     conn,
                     svc,
                     Protocol::H2c,
                 ))
-                .await
-            }
-            _ => serve_h1(MeteredIo::new(tcp, Bytes::new(), info.clone()), conn, svc).await,
+                .await,
+            ),
+            _ => h1::start_parked(MeteredIo::new(tcp, Bytes::new(), info.clone()), conn),
         }
     }
 }
 
 /// A TLS connection: the handshake, then HTTP/2 or HTTP/1.1 as ALPN decided.
-async fn serve_tls<S, B>(
-    tcp: TcpStream,
-    conn: &Arc<ConnShared>,
-    svc: S,
-    handshake_timeout: std::time::Duration,
-) -> CloseReason
+async fn serve_tls<S, B>(tcp: TcpStream, conn: &Arc<ConnShared>, svc: S, handshake_timeout: std::time::Duration) -> Step
 where
     S: HttpService<B>,
     B: ServiceBody,
@@ -176,12 +210,12 @@ where
     let listener = &conn.listener;
     let info = &conn.info;
     let Some(tls) = &listener.tls else {
-        return CloseReason::HandshakeFailed;
+        return Step::Closed(CloseReason::HandshakeFailed);
     };
     let tls = tls.load_full();
     let hs = tokio::select! {
         hs = crate::tls::handshake(tcp, &tls, handshake_timeout) => hs,
-        _ = listener.shutdown.forced() => return CloseReason::DrainForced,
+        _ = listener.shutdown.forced() => return Step::Closed(CloseReason::DrainForced),
     };
     match hs {
         Err(e) => {
@@ -195,11 +229,11 @@ where
                     )
                 });
             tracing::debug!(conn_id = info.id, result = e.result, detail = %e.detail, "TLS handshake failed");
-            if e.result == "timeout" {
+            Step::Closed(if e.result == "timeout" {
                 CloseReason::HandshakeTimeout
             } else {
                 CloseReason::HandshakeFailed
-            }
+            })
         }
         Ok((stream, negotiated)) => {
             let s = &negotiated.summary;
@@ -248,7 +282,7 @@ where
             // Boxed: an HTTP/2 connection's state is several times an HTTP/1.1 one's, and inline
             // it would size every connection's task, idle HTTP/1.1 keep-alives included.
             return if h2 {
-                Box::pin(serve_h2(io, conn, svc, Protocol::H2)).await
+                Step::Closed(Box::pin(serve_h2(io, conn, svc, Protocol::H2)).await)
             } else {
                 serve_h1(io, conn, svc).await
             };
@@ -415,10 +449,10 @@ pub(super) async fn drive<C: Graceful>(mut hconn: Pin<&mut C>, conn: &ConnShared
     // HTTP/1.1 connection is not, as a request may be on its way: during a handover it gets the
     // grace, and each response meanwhile says `Connection: close` (the pipeline adds it).
     //
-    // One shutdown watch at a time, first for that phase, then for the forced close (which comes
-    // later): each is a few hundred bytes, and an idle connection holds it for its whole life.
+    // One shutdown wait at a time, first for that phase, then for the forced close (which comes
+    // later).
     let stop_phase = if http1 { Phase::Draining } else { Phase::HandedOver };
-    let shutdown = phase_reached(&listener.shutdown, stop_phase);
+    let shutdown = listener.shutdown.reached(stop_phase);
     tokio::pin!(shutdown);
     let mut watching_forced = false;
     loop {
@@ -433,7 +467,7 @@ pub(super) async fn drive<C: Graceful>(mut hconn: Pin<&mut C>, conn: &ConnShared
                 if watching_forced {
                     return CloseReason::DrainForced;
                 }
-                shutdown.set(phase_reached(&listener.shutdown, Phase::Forced));
+                shutdown.set(listener.shutdown.reached(Phase::Forced));
                 watching_forced = true;
                 if initiated.is_some() {
                     // Already closing for another reason (HTTP/2 max requests or idle).
@@ -516,16 +550,6 @@ pub(super) async fn drive<C: Graceful>(mut hconn: Pin<&mut C>, conn: &ConnShared
                 }
             }
         }
-    }
-}
-
-/// Resolves once `shutdown` reaches `phase` (one future type for every phase).
-async fn phase_reached(shutdown: &crate::lifecycle::Shutdown, phase: Phase) {
-    match phase {
-        Phase::Running => std::future::pending().await,
-        Phase::HandedOver => shutdown.stop_accepting().await,
-        Phase::Draining => shutdown.draining().await,
-        Phase::Forced => shutdown.forced().await,
     }
 }
 

@@ -1,8 +1,12 @@
 //! The shutdown phase every task watches: running, handed over (binary upgrade), draining, forced.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::sync::watch;
+use std::task::{Context, Poll};
+use tokio::sync::futures::Notified;
+use tokio::sync::{watch, Notify};
 
 /// Where the server is in its shutdown. Phases only move forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -27,9 +31,10 @@ pub enum Phase {
 pub struct Shutdown {
     rx: watch::Receiver<Phase>,
     handed_over: Arc<AtomicBool>,
-    /// The listener's own phase. Holding the sender keeps a scope that nobody advances from
-    /// reading as "reached" (a closed watch channel does), which would close its connections.
+    /// The listener's own phase. Holding the trigger keeps a scope that nobody advances from
+    /// reading as "reached" (a dropped trigger does), which would close its connections.
     scope: Option<ShutdownTrigger>,
+    wake: Arc<Wake>,
 }
 
 /// Moves the server through its shutdown phases.
@@ -39,28 +44,69 @@ pub struct ShutdownTrigger {
     /// Set before `HandedOver` is published and never cleared: whether the phases went through a
     /// handover, which a watcher that only sees the latest phase cannot tell.
     handed_over: Arc<AtomicBool>,
+    wake: Arc<Wake>,
+    /// Declared after `tx`, so that when the last copy of this trigger goes, the channel is
+    /// closed before its waiters are woken to find it closed.
+    _wake_on_drop: Arc<WakeOnDrop>,
+}
+
+/// Wakes the tasks waiting for a phase ([`Reached`]). The server and its listeners' scopes share
+/// one, so a waiter needs a single registration whichever of them moves.
+///
+/// Every idle connection waits here for its whole life, so a waiter is kept small: a
+/// [`Notified`] (64 bytes) where a `watch` wait on two channels took 424. Waiters spread over a
+/// few lanes by worker thread, so that connections opening and closing on different cores do not
+/// all take one lock.
+#[derive(Debug, Default)]
+struct Wake {
+    lanes: [Notify; LANES],
+}
+
+const LANES: usize = 8;
+
+impl Wake {
+    fn all(&self) {
+        for lane in &self.lanes {
+            lane.notify_waiters();
+        }
+    }
+    fn lane(&self) -> &Notify {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static LANE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % LANES;
+        }
+        &self.lanes[LANE.with(|l| *l)]
+    }
+}
+
+#[derive(Debug)]
+struct WakeOnDrop(Arc<Wake>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        self.0.all();
+    }
 }
 
 impl ShutdownTrigger {
     pub fn new() -> (ShutdownTrigger, Shutdown) {
-        let (tx, rx) = watch::channel(Phase::Running);
-        let handed_over = Arc::new(AtomicBool::new(false));
-        (
-            ShutdownTrigger {
-                tx: Arc::new(tx),
-                handed_over: handed_over.clone(),
-            },
-            Shutdown {
-                rx,
-                handed_over,
-                scope: None,
-            },
-        )
+        let trigger = ShutdownTrigger::with_wake(Arc::new(Wake::default()));
+        let shutdown = trigger.subscribe();
+        (trigger, shutdown)
+    }
+    fn with_wake(wake: Arc<Wake>) -> ShutdownTrigger {
+        let (tx, _) = watch::channel(Phase::Running);
+        ShutdownTrigger {
+            tx: Arc::new(tx),
+            handed_over: Arc::new(AtomicBool::new(false)),
+            _wake_on_drop: Arc::new(WakeOnDrop(wake.clone())),
+            wake,
+        }
     }
     /// Advances to `phase`; never goes back. `HandedOver` is only taken from `Running`. Returns
     /// whether the phase changed.
     pub fn advance(&self, phase: Phase) -> bool {
-        self.tx.send_if_modified(|cur| {
+        let changed = self.tx.send_if_modified(|cur| {
             if phase == Phase::HandedOver {
                 if *cur != Phase::Running {
                     return false;
@@ -73,7 +119,11 @@ impl ShutdownTrigger {
             } else {
                 false
             }
-        })
+        });
+        if changed {
+            self.wake.all();
+        }
+        changed
     }
     pub fn phase(&self) -> Phase {
         *self.tx.borrow()
@@ -87,64 +137,97 @@ impl ShutdownTrigger {
             rx: self.tx.subscribe(),
             handed_over: self.handed_over.clone(),
             scope: None,
+            wake: self.wake.clone(),
         }
     }
 }
 
 impl Shutdown {
-    /// This handle, also following `scope`: it reaches a phase when either the server or `scope`
-    /// does. Used for one listener's connections, so that the listener can drain on its own. A
-    /// scope only drains (a handover is the whole process's), so [`Shutdown::handed_over`] still
-    /// follows the server alone.
-    pub fn scoped(&self, scope: ShutdownTrigger) -> Shutdown {
-        Shutdown {
+    /// A scope of this handle: a trigger of its own, and a handle that reaches a phase when
+    /// either the server or the scope does. Used for one listener's connections, so that the
+    /// listener can drain on its own. A scope only drains (a handover is the whole process's), so
+    /// [`Shutdown::handed_over`] still follows the server alone.
+    pub fn scope(&self) -> (ShutdownTrigger, Shutdown) {
+        let trigger = ShutdownTrigger::with_wake(self.wake.clone());
+        let scoped = Shutdown {
             rx: self.rx.clone(),
             handed_over: self.handed_over.clone(),
-            scope: Some(scope),
-        }
+            scope: Some(trigger.clone()),
+            wake: self.wake.clone(),
+        };
+        (trigger, scoped)
     }
     pub fn phase(&self) -> Phase {
         let own = *self.rx.borrow();
         self.scope.as_ref().map_or(own, |s| own.max(s.phase()))
     }
-    async fn reached(&self, phase: Phase) {
-        let mut rx = self.rx.clone();
-        // An error means the trigger is gone: the server is going away, so treat it as reached.
-        let server = rx.wait_for(|p| *p >= phase);
-        match &self.scope {
-            None => {
-                let _ = server.await;
-            }
-            Some(scope) => {
-                // `scope` holds the sender, so this channel cannot close while we wait on it.
-                let mut scope = scope.tx.subscribe();
-                tokio::select! {
-                    _ = server => {}
-                    _ = scope.wait_for(|p| *p >= phase) => {}
-                }
-            }
+    /// Resolves once this handle has reached `phase`, or the server's trigger is gone (the server
+    /// is going away, so every phase counts as reached). One future type for every phase.
+    pub fn reached(&self, phase: Phase) -> Reached<'_> {
+        Reached {
+            shutdown: self,
+            phase,
+            handover_only: false,
+            notified: self.wake.lane().notified(),
         }
     }
     /// Resolves once this process stops taking new connections: a handover or a drain.
-    pub async fn stop_accepting(&self) {
-        self.reached(Phase::HandedOver).await
+    pub fn stop_accepting(&self) -> Reached<'_> {
+        self.reached(Phase::HandedOver)
     }
     /// Resolves once the listening sockets were handed to a new process. Never resolves for a
     /// plain drain (while the trigger exists).
-    pub async fn handed_over(&self) {
-        let mut rx = self.rx.clone();
-        let flag = &self.handed_over;
-        let _ = rx
-            .wait_for(|p| *p >= Phase::HandedOver && flag.load(Ordering::SeqCst))
-            .await;
+    pub fn handed_over(&self) -> Reached<'_> {
+        Reached {
+            handover_only: true,
+            ..self.reached(Phase::HandedOver)
+        }
     }
     /// Resolves once draining has begun.
-    pub async fn draining(&self) {
-        self.reached(Phase::Draining).await
+    pub fn draining(&self) -> Reached<'_> {
+        self.reached(Phase::Draining)
     }
     /// Resolves once connections must close at once.
-    pub async fn forced(&self) {
-        self.reached(Phase::Forced).await
+    pub fn forced(&self) -> Reached<'_> {
+        self.reached(Phase::Forced)
+    }
+    fn is_reached(&self, phase: Phase, handover_only: bool) -> bool {
+        if self.rx.has_changed().is_err() {
+            return true;
+        }
+        if handover_only {
+            *self.rx.borrow() >= phase && self.handed_over.load(Ordering::SeqCst)
+        } else {
+            self.phase() >= phase
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A wait for a [`Shutdown`] phase; see [`Shutdown::reached`].
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Reached<'a> {
+        shutdown: &'a Shutdown,
+        phase: Phase,
+        handover_only: bool,
+        // Made before the phase is first checked, so an advance in between still wakes it.
+        #[pin]
+        notified: Notified<'a>,
+    }
+}
+
+impl Future for Reached<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        loop {
+            if this.shutdown.is_reached(*this.phase, *this.handover_only) {
+                return Poll::Ready(());
+            }
+            std::task::ready!(this.notified.as_mut().poll(cx));
+            // Woken: register again before checking, for the same reason as at the start.
+            this.notified.set(this.shutdown.wake.lane().notified());
+        }
     }
 }
 
@@ -212,5 +295,65 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), shutdown.stop_accepting())
             .await
             .expect("a drain stops accepting");
+    }
+
+    #[tokio::test]
+    async fn a_scope_drains_alone_and_the_server_drains_every_scope() {
+        let (server, shutdown) = ShutdownTrigger::new();
+        let (scope_a, a) = shutdown.scope();
+        let (_scope_b, b) = shutdown.scope();
+        let wait = std::time::Duration::from_secs(1);
+        // Waits made before the advance, as a connection's are.
+        let (a_draining, b_draining) = (a.draining(), b.draining());
+        let a_forced = a.forced();
+        tokio::pin!(b_draining);
+        assert!(scope_a.advance(Phase::Draining));
+        tokio::time::timeout(wait, a_draining)
+            .await
+            .expect("the scope's own drain wakes its waiters");
+        assert_eq!(a.phase(), Phase::Draining);
+        assert_eq!(b.phase(), Phase::Running, "another scope is not drained");
+        assert_eq!(shutdown.phase(), Phase::Running);
+        assert!(futures_util::poll!(b_draining.as_mut()).is_pending());
+
+        server.advance(Phase::Forced);
+        tokio::time::timeout(wait, b_draining)
+            .await
+            .expect("the server's phase reaches every scope");
+        tokio::time::timeout(wait, a_forced)
+            .await
+            .expect("and moves a scope further on");
+        assert_eq!(b.phase(), Phase::Forced);
+        // A wait made after the phase was reached resolves at once.
+        tokio::time::timeout(wait, b.stop_accepting())
+            .await
+            .expect("already reached");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_trigger_counts_as_every_phase_reached() {
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        let (_scope, scoped) = shutdown.scope();
+        let forced = scoped.forced();
+        let handed_over = shutdown.handed_over();
+        drop(trigger);
+        let wait = std::time::Duration::from_secs(1);
+        tokio::time::timeout(wait, forced)
+            .await
+            .expect("the server is going away");
+        tokio::time::timeout(wait, handed_over)
+            .await
+            .expect("even a handover wait ends");
+    }
+
+    #[tokio::test]
+    async fn handed_over_waits_for_a_handover_not_a_drain() {
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        let handed_over = shutdown.handed_over();
+        tokio::pin!(handed_over);
+        trigger.advance(Phase::Draining);
+        assert!(futures_util::poll!(handed_over.as_mut()).is_pending());
+        trigger.advance(Phase::Forced);
+        assert!(futures_util::poll!(handed_over.as_mut()).is_pending());
     }
 }

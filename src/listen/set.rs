@@ -84,7 +84,7 @@ impl BoundListener {
         access_log: Arc<AccessLog>,
         common: &ListenerCommon,
     ) -> BoundListener {
-        let (scope, _) = ShutdownTrigger::new();
+        let (scope, shutdown) = common.shutdown.scope();
         let shared = Arc::new(ListenerShared {
             name: Name(Arc::from(config.name.as_str())),
             policy: ArcSwap::from_pointee(ProtocolPolicy::from_config(config)),
@@ -93,7 +93,7 @@ impl BoundListener {
             metrics: common.metrics.clone(),
             access_log: ArcSwap::new(access_log),
             registry: common.registry.clone(),
-            shutdown: common.shutdown.scoped(scope.clone()),
+            shutdown,
             debug: common.debug.clone(),
             tracer: common.tracer.clone(),
             open: TaskCount::default(),

@@ -233,6 +233,13 @@ async fn a_removed_listener_refuses_new_connections_and_its_downloads_finish() {
     let (h1_body, h1_got) = start_slow(h1.send_request(slow_request(b))).await;
     let (mut h2, h2_conn) = h2_client(b).await;
     let (h2_body, h2_got) = start_slow(h2.send_request(slow_request(b))).await;
+    // And an idle HTTP/1.1 keep-alive, parked with nothing but its socket.
+    let (mut idle, idle_conn) = h1_client(b).await;
+    let resp = idle
+        .send_request(http::Request::get("/").header("host", "b").body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
 
     let report = srv.handle.reload(without(&srv, "b")).await.unwrap();
     assert_eq!(report.listeners.removed.len(), 1, "{:?}", report.listeners);
@@ -257,6 +264,11 @@ async fn a_removed_listener_refuses_new_connections_and_its_downloads_finish() {
         )
         .await
     );
+    // The idle one is closed at once, while the downloads are still held.
+    tokio::time::timeout(GENEROUS, idle_conn)
+        .await
+        .expect("idle HTTP/1.1 connection left open")
+        .unwrap();
     open.send(true).unwrap();
     assert_eq!(finish(h1_body, h1_got).await, 2 * HALF, "HTTP/1.1 download incomplete");
     assert_eq!(finish(h2_body, h2_got).await, 2 * HALF, "HTTP/2 download incomplete");
@@ -274,7 +286,7 @@ async fn a_removed_listener_refuses_new_connections_and_its_downloads_finish() {
         wait_metric(
             &srv,
             r#"gatehouse_connections_closed_total{listener="b",reason="shutdown"}"#,
-            2.0
+            3.0
         )
         .await
     );
