@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::futures::Notified;
@@ -23,6 +23,17 @@ pub enum Phase {
     Forced,
 }
 
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            0 => Phase::Running,
+            1 => Phase::HandedOver,
+            2 => Phase::Draining,
+            _ => Phase::Forced,
+        }
+    }
+}
+
 /// A handle tasks use to learn of shutdown. Cheap to clone.
 ///
 /// A listener's connections watch two phases: the server's, and their listener's own (a listener
@@ -30,6 +41,8 @@ pub enum Phase {
 #[derive(Clone, Debug)]
 pub struct Shutdown {
     rx: watch::Receiver<Phase>,
+    /// The server's phase, as `rx` has it, read without a lock (every request asks).
+    now: Arc<AtomicU8>,
     handed_over: Arc<AtomicBool>,
     /// The listener's own phase. Holding the trigger keeps a scope that nobody advances from
     /// reading as "reached" (a dropped trigger does), which would close its connections.
@@ -41,6 +54,8 @@ pub struct Shutdown {
 #[derive(Clone, Debug)]
 pub struct ShutdownTrigger {
     tx: Arc<watch::Sender<Phase>>,
+    /// `tx`'s phase, written under its lock, read without one.
+    now: Arc<AtomicU8>,
     /// Set before `HandedOver` is published and never cleared: whether the phases went through a
     /// handover, which a watcher that only sees the latest phase cannot tell.
     handed_over: Arc<AtomicBool>,
@@ -98,6 +113,7 @@ impl ShutdownTrigger {
         let (tx, _) = watch::channel(Phase::Running);
         ShutdownTrigger {
             tx: Arc::new(tx),
+            now: Arc::new(AtomicU8::new(Phase::Running as u8)),
             handed_over: Arc::new(AtomicBool::new(false)),
             _wake_on_drop: Arc::new(WakeOnDrop(wake.clone())),
             wake,
@@ -115,6 +131,7 @@ impl ShutdownTrigger {
             }
             if phase > *cur {
                 *cur = phase;
+                self.now.store(phase as u8, Ordering::SeqCst);
                 true
             } else {
                 false
@@ -126,7 +143,7 @@ impl ShutdownTrigger {
         changed
     }
     pub fn phase(&self) -> Phase {
-        *self.tx.borrow()
+        Phase::from_u8(self.now.load(Ordering::SeqCst))
     }
     /// Whether the listening sockets were handed to a new process (a binary upgrade).
     pub fn is_handed_over(&self) -> bool {
@@ -135,6 +152,7 @@ impl ShutdownTrigger {
     pub fn subscribe(&self) -> Shutdown {
         Shutdown {
             rx: self.tx.subscribe(),
+            now: self.now.clone(),
             handed_over: self.handed_over.clone(),
             scope: None,
             wake: self.wake.clone(),
@@ -151,6 +169,7 @@ impl Shutdown {
         let trigger = ShutdownTrigger::with_wake(self.wake.clone());
         let scoped = Shutdown {
             rx: self.rx.clone(),
+            now: self.now.clone(),
             handed_over: self.handed_over.clone(),
             scope: Some(trigger.clone()),
             wake: self.wake.clone(),
@@ -158,7 +177,7 @@ impl Shutdown {
         (trigger, scoped)
     }
     pub fn phase(&self) -> Phase {
-        let own = *self.rx.borrow();
+        let own = Phase::from_u8(self.now.load(Ordering::SeqCst));
         self.scope.as_ref().map_or(own, |s| own.max(s.phase()))
     }
     /// Resolves once this handle has reached `phase`, or the server's trigger is gone (the server
@@ -196,7 +215,7 @@ impl Shutdown {
             return true;
         }
         if handover_only {
-            *self.rx.borrow() >= phase && self.handed_over.load(Ordering::SeqCst)
+            Phase::from_u8(self.now.load(Ordering::SeqCst)) >= phase && self.handed_over.load(Ordering::SeqCst)
         } else {
             self.phase() >= phase
         }
