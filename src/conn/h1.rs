@@ -287,13 +287,13 @@ where
     let mut h1 = H1::new(io, conn, svc.clone());
     async move {
         let reason = drive(Pin::new(&mut h1), conn, Protocol::Http11).await;
-        if let State::Released(_) = h1.state {
-            let State::Released(io) = std::mem::replace(&mut h1.state, State::Done(None, PhantomData)) else {
-                unreachable!("matched above");
-            };
+        let state = std::mem::replace(&mut h1.state, State::Done(None, PhantomData));
+        drop(h1);
+        if let State::Released(io) = state {
             return T::parked(io);
         }
-        drop(h1);
+        // Whatever hyper still held goes before a possible wait for an `Upgrade: h2c`.
+        drop(state);
         let pending = conn.pending_h2c.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(pending) = pending else {
             return Step::Closed(reason);
