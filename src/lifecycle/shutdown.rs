@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::futures::Notified;
 use tokio::sync::{watch, Notify};
@@ -40,29 +40,45 @@ impl Phase {
 /// removed by a reload drains alone). They act on whichever is further along.
 #[derive(Clone, Debug)]
 pub struct Shutdown {
-    rx: watch::Receiver<Phase>,
-    /// The server's phase, as `rx` has it, read without a lock (every request asks).
-    now: Arc<AtomicU8>,
-    handed_over: Arc<AtomicBool>,
+    server: Arc<PhaseState>,
     /// The listener's own phase. Holding the trigger keeps a scope that nobody advances from
     /// reading as "reached" (a dropped trigger does), which would close its connections.
     scope: Option<ShutdownTrigger>,
     wake: Arc<Wake>,
 }
 
-/// Moves the server through its shutdown phases.
+/// Moves the server (or one listener's scope) through its shutdown phases.
 #[derive(Clone, Debug)]
 pub struct ShutdownTrigger {
-    tx: Arc<watch::Sender<Phase>>,
-    /// `tx`'s phase, written under its lock, read without one.
-    now: Arc<AtomicU8>,
+    inner: Arc<TriggerInner>,
+}
+
+/// One trigger's phase, shared with its subscribers.
+#[derive(Debug, Default)]
+struct PhaseState {
+    /// A [`Phase`], read without a lock: every request asks whether this process is leaving.
+    phase: AtomicU8,
     /// Set before `HandedOver` is published and never cleared: whether the phases went through a
     /// handover, which a watcher that only sees the latest phase cannot tell.
-    handed_over: Arc<AtomicBool>,
+    handed_over: AtomicBool,
+    /// Every copy of the trigger is gone: the server is going away, so every phase counts as
+    /// reached.
+    gone: AtomicBool,
+    /// Held while the phase moves, so that the check and the move are one step.
+    advancing: Mutex<()>,
+}
+
+#[derive(Debug)]
+struct TriggerInner {
+    state: Arc<PhaseState>,
     wake: Arc<Wake>,
-    /// Declared after `tx`, so that when the last copy of this trigger goes, the channel is
-    /// closed before its waiters are woken to find it closed.
-    _wake_on_drop: Arc<WakeOnDrop>,
+}
+
+impl Drop for TriggerInner {
+    fn drop(&mut self) {
+        self.state.gone.store(true, Ordering::SeqCst);
+        self.wake.all();
+    }
 }
 
 /// Wakes the tasks waiting for a phase ([`Reached`]). The server and its listeners' scopes share
@@ -94,12 +110,9 @@ impl Wake {
     }
 }
 
-#[derive(Debug)]
-struct WakeOnDrop(Arc<Wake>);
-
-impl Drop for WakeOnDrop {
-    fn drop(&mut self) {
-        self.0.all();
+impl PhaseState {
+    fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::SeqCst))
     }
 }
 
@@ -110,52 +123,43 @@ impl ShutdownTrigger {
         (trigger, shutdown)
     }
     fn with_wake(wake: Arc<Wake>) -> ShutdownTrigger {
-        let (tx, _) = watch::channel(Phase::Running);
         ShutdownTrigger {
-            tx: Arc::new(tx),
-            now: Arc::new(AtomicU8::new(Phase::Running as u8)),
-            handed_over: Arc::new(AtomicBool::new(false)),
-            _wake_on_drop: Arc::new(WakeOnDrop(wake.clone())),
-            wake,
+            inner: Arc::new(TriggerInner {
+                state: Arc::default(),
+                wake,
+            }),
         }
     }
     /// Advances to `phase`; never goes back. `HandedOver` is only taken from `Running`. Returns
     /// whether the phase changed.
     pub fn advance(&self, phase: Phase) -> bool {
-        let changed = self.tx.send_if_modified(|cur| {
+        let state = &self.inner.state;
+        {
+            let _one_at_a_time = state.advancing.lock().unwrap_or_else(|p| p.into_inner());
+            let cur = state.phase();
+            if phase <= cur || (phase == Phase::HandedOver && cur != Phase::Running) {
+                return false;
+            }
             if phase == Phase::HandedOver {
-                if *cur != Phase::Running {
-                    return false;
-                }
-                self.handed_over.store(true, Ordering::SeqCst);
+                state.handed_over.store(true, Ordering::SeqCst);
             }
-            if phase > *cur {
-                *cur = phase;
-                self.now.store(phase as u8, Ordering::SeqCst);
-                true
-            } else {
-                false
-            }
-        });
-        if changed {
-            self.wake.all();
+            state.phase.store(phase as u8, Ordering::SeqCst);
         }
-        changed
+        self.inner.wake.all();
+        true
     }
     pub fn phase(&self) -> Phase {
-        Phase::from_u8(self.now.load(Ordering::SeqCst))
+        self.inner.state.phase()
     }
     /// Whether the listening sockets were handed to a new process (a binary upgrade).
     pub fn is_handed_over(&self) -> bool {
-        self.handed_over.load(Ordering::SeqCst)
+        self.inner.state.handed_over.load(Ordering::SeqCst)
     }
     pub fn subscribe(&self) -> Shutdown {
         Shutdown {
-            rx: self.tx.subscribe(),
-            now: self.now.clone(),
-            handed_over: self.handed_over.clone(),
+            server: self.inner.state.clone(),
             scope: None,
-            wake: self.wake.clone(),
+            wake: self.inner.wake.clone(),
         }
     }
 }
@@ -168,16 +172,14 @@ impl Shutdown {
     pub fn scope(&self) -> (ShutdownTrigger, Shutdown) {
         let trigger = ShutdownTrigger::with_wake(self.wake.clone());
         let scoped = Shutdown {
-            rx: self.rx.clone(),
-            now: self.now.clone(),
-            handed_over: self.handed_over.clone(),
+            server: self.server.clone(),
             scope: Some(trigger.clone()),
             wake: self.wake.clone(),
         };
         (trigger, scoped)
     }
     pub fn phase(&self) -> Phase {
-        let own = Phase::from_u8(self.now.load(Ordering::SeqCst));
+        let own = self.server.phase();
         self.scope.as_ref().map_or(own, |s| own.max(s.phase()))
     }
     /// Resolves once this handle has reached `phase`, or the server's trigger is gone (the server
@@ -211,11 +213,11 @@ impl Shutdown {
         self.reached(Phase::Forced)
     }
     fn is_reached(&self, phase: Phase, handover_only: bool) -> bool {
-        if self.rx.has_changed().is_err() {
+        if self.server.gone.load(Ordering::SeqCst) {
             return true;
         }
         if handover_only {
-            Phase::from_u8(self.now.load(Ordering::SeqCst)) >= phase && self.handed_over.load(Ordering::SeqCst)
+            self.server.phase() >= phase && self.server.handed_over.load(Ordering::SeqCst)
         } else {
             self.phase() >= phase
         }

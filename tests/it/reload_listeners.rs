@@ -105,6 +105,15 @@ async fn h1_client(
     )
 }
 
+/// `GET /` on a kept-alive HTTP/1.1 connection: the body.
+async fn get_on(sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>, host: &str) -> Bytes {
+    let resp = sender
+        .send_request(http::Request::get("/").header("host", host).body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    resp.into_body().collect().await.unwrap().to_bytes()
+}
+
 /// An h2c (prior knowledge) client connection and the task driving it.
 async fn h2_client(
     addr: SocketAddr,
@@ -223,11 +232,7 @@ async fn a_removed_listener_refuses_new_connections_and_its_downloads_finish() {
     let (a, b) = (srv.addr("a"), srv.addr("b"));
     // On `a`, a keep-alive connection that must not notice anything.
     let (mut keep, _keep_conn) = h1_client(a).await;
-    let resp = keep
-        .send_request(http::Request::get("/").header("host", "a").body(Empty::new()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+    assert_eq!(get_on(&mut keep, "a").await, "ok");
     // On `b`, one download per protocol, each half done.
     let (mut h1, h1_conn) = h1_client(b).await;
     let (h1_body, h1_got) = start_slow(h1.send_request(slow_request(b))).await;
@@ -235,11 +240,7 @@ async fn a_removed_listener_refuses_new_connections_and_its_downloads_finish() {
     let (h2_body, h2_got) = start_slow(h2.send_request(slow_request(b))).await;
     // And an idle HTTP/1.1 keep-alive, parked with nothing but its socket.
     let (mut idle, idle_conn) = h1_client(b).await;
-    let resp = idle
-        .send_request(http::Request::get("/").header("host", "b").body(Empty::new()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+    assert_eq!(get_on(&mut idle, "b").await, "ok");
 
     let report = srv.handle.reload(without(&srv, "b")).await.unwrap();
     assert_eq!(report.listeners.removed.len(), 1, "{:?}", report.listeners);
@@ -295,11 +296,7 @@ async fn a_removed_listener_refuses_new_connections_and_its_downloads_finish() {
         0.0
     );
     // `a` served on throughout, on its old connection and on new ones; the server is not draining.
-    let resp = keep
-        .send_request(http::Request::get("/").header("host", "a").body(Empty::new()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+    assert_eq!(get_on(&mut keep, "a").await, "ok");
     assert_eq!(get(a).await, (200, "ok".to_string()));
     assert!(srv.handle.is_ready());
     srv.stop().await;
