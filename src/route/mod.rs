@@ -211,7 +211,30 @@ impl Router {
     }
 }
 
-type RouterFuture = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+/// The router's answer. A fixed answer, a redirect or a 404 for a request without a body is
+/// ready at once; anything that waits (a file, an upstream, a body to read first, a rate limit)
+/// is a boxed future. Building the fixed answers in `call` spares them the box and the moves of
+/// the large routing future, about 1,000 of an HTTP/1.1 request's 17,000 user-space
+/// instructions (callgrind).
+pub struct RouterFuture(RouterAnswer);
+
+// The ready answer stays inline on purpose: boxing it would cost the allocation this avoids.
+#[allow(clippy::large_enum_variant)]
+enum RouterAnswer {
+    Ready(std::future::Ready<Result<Response<ResponseBody>, Infallible>>),
+    Waiting(Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>),
+}
+
+impl Future for RouterFuture {
+    type Output = Result<Response<ResponseBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            RouterAnswer::Ready(r) => Pin::new(r).poll(cx),
+            RouterAnswer::Waiting(f) => f.as_mut().poll(cx),
+        }
+    }
+}
 
 impl tower_service::Service<Request<RequestBody>> for Router {
     type Response = Response<ResponseBody>;
@@ -223,12 +246,82 @@ impl tower_service::Service<Request<RequestBody>> for Router {
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> RouterFuture {
+        if let Some(resp) = answer_at_once(&self.table.load(), &req) {
+            return RouterFuture(RouterAnswer::Ready(std::future::ready(Ok(resp))));
+        }
         let table = self.table.load_full();
         let gateway = self.gateway.clone();
         // The metrics are loaded only by a refusal: a request that passes costs one `Arc` clone.
         let resilience = self.resilience.clone();
-        Box::pin(async move { Ok(route(&table, &gateway, &resilience, req).await) })
+        RouterFuture(RouterAnswer::Waiting(Box::pin(async move {
+            Ok(route(&table, &gateway, &resilience, req).await)
+        })))
     }
+}
+
+/// The route for `host` and `path`, and the rest of the path after its prefix.
+fn lookup<'t, 'p>(table: &'t RouteTable, host: &str, path: &'p str) -> Option<(&'t Route, &'p str)> {
+    table.routes.iter().find_map(|r| {
+        if r.host.matches(host) {
+            r.strip(path).map(|rest| (r, rest))
+        } else {
+            None
+        }
+    })
+}
+
+/// The answer to `req` when it needs no waiting: no body to read, no rate limit, and a handler
+/// that answers from the request head alone (or no route at all).
+fn answer_at_once(table: &RouteTable, req: &Request<RequestBody>) -> Option<Response<ResponseBody>> {
+    if !http_body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    match lookup(table, request_host(req), req.uri().path()) {
+        None => Some(handlers::text(StatusCode::NOT_FOUND, "not found\n")),
+        Some((route, _)) if route.rate_limit.is_some() => None,
+        Some((route, rest)) => answer_from_head(route, rest, req),
+    }
+}
+
+/// Fixed answers, redirects and the connection info: built from the request head alone.
+fn answer_from_head(route: &Route, rest: &str, req: &Request<RequestBody>) -> Option<Response<ResponseBody>> {
+    Some(match &route.handler {
+        Handler::Redirect { target, status } => {
+            let mut location = format!(
+                "{target}{}",
+                if rest.starts_with('/') || rest.is_empty() {
+                    rest
+                } else {
+                    "/"
+                }
+            );
+            if let Some(q) = req.uri().query() {
+                location.push('?');
+                location.push_str(q);
+            }
+            let mut r = Response::new(ResponseBody::empty());
+            *r.status_mut() = *status;
+            match HeaderValue::from_str(&location) {
+                Ok(v) => {
+                    r.headers_mut().insert(header::LOCATION, v);
+                    r
+                }
+                Err(_) => handlers::text(StatusCode::BAD_REQUEST, "bad request path\n"),
+            }
+        }
+        Handler::Respond {
+            status,
+            body,
+            content_type,
+        } => {
+            let mut r = Response::new(ResponseBody::full(body.clone()));
+            *r.status_mut() = *status;
+            r.headers_mut().insert(header::CONTENT_TYPE, content_type.clone());
+            r
+        }
+        Handler::ConnectionInfo => handlers::connection_info(req.extensions().get::<RequestContext>(), req.headers()),
+        Handler::Static(_) | Handler::Proxy { .. } => return None,
+    })
 }
 
 fn request_host(req: &Request<RequestBody>) -> &str {
@@ -258,15 +351,7 @@ async fn route(
     resilience: &ArcSwap<ResilienceMetrics>,
     req: Request<RequestBody>,
 ) -> Response<ResponseBody> {
-    let host = request_host(&req);
-    let path = req.uri().path();
-    let found = table.routes.iter().find_map(|r| {
-        if r.host.matches(host) {
-            r.strip(path).map(|rest| (r, rest.to_string()))
-        } else {
-            None
-        }
-    });
+    let found = lookup(table, request_host(&req), req.uri().path()).map(|(r, rest)| (r, rest.to_string()));
     // Before the handler (and before the body is read): a refused request costs nothing more.
     let admitted = match found.as_ref().and_then(|(r, _)| r.rate_limit) {
         None => None,
@@ -325,52 +410,18 @@ async fn dispatch(
         return handlers::text(StatusCode::NOT_FOUND, "not found\n");
     };
     let rest = rest.as_str();
-    match &route.handler {
-        Handler::Static(files) => {
-            let mut resp = files.serve(req.method(), rest, req.headers()).await;
-            if let ResponseBody::File(body) = resp.body_mut() {
-                if let Some(ctx) = req.extensions().get::<RequestContext>() {
-                    body.sendfile_via(&ctx.conn);
-                }
-            }
-            resp
-        }
-        Handler::Redirect { target, status } => {
-            let mut location = format!(
-                "{target}{}",
-                if rest.starts_with('/') || rest.is_empty() {
-                    rest
-                } else {
-                    "/"
-                }
-            );
-            if let Some(q) = req.uri().query() {
-                location.push('?');
-                location.push_str(q);
-            }
-            let mut r = Response::new(ResponseBody::empty());
-            *r.status_mut() = *status;
-            match HeaderValue::from_str(&location) {
-                Ok(v) => {
-                    r.headers_mut().insert(header::LOCATION, v);
-                    r
-                }
-                Err(_) => handlers::text(StatusCode::BAD_REQUEST, "bad request path\n"),
+    if let Handler::Static(files) = &route.handler {
+        let mut resp = files.serve(req.method(), rest, req.headers()).await;
+        if let ResponseBody::File(body) = resp.body_mut() {
+            if let Some(ctx) = req.extensions().get::<RequestContext>() {
+                body.sendfile_via(&ctx.conn);
             }
         }
-        Handler::Respond {
-            status,
-            body,
-            content_type,
-        } => {
-            let mut r = Response::new(ResponseBody::full(body.clone()));
-            *r.status_mut() = *status;
-            r.headers_mut().insert(header::CONTENT_TYPE, content_type.clone());
-            r
-        }
-        Handler::ConnectionInfo => handlers::connection_info(req.extensions().get::<RequestContext>(), req.headers()),
-        Handler::Proxy { .. } => handlers::text(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n"),
+        return resp;
     }
+    // The proxy was handled above; every other handler answers from the head.
+    answer_from_head(route, rest, &req)
+        .unwrap_or_else(|| handlers::text(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n"))
 }
 
 #[cfg(test)]
