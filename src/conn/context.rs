@@ -70,6 +70,8 @@ pub struct ConnShared {
     pub close_cause: OnceLock<CloseReason>,
     /// Whether this connection's HTTP/1.1 state can hand its socket to an upgrade.
     pub upgrades: UpgradeGate,
+    /// The request series this connection counted last.
+    pub request_metrics: crate::observe::metrics::RequestMetricsCache,
 }
 
 /// HTTP/1.1 upgrades (WebSocket, `Upgrade: h2c`, CONNECT) need hyper's upgradeable connection,

@@ -100,6 +100,7 @@ fn open(tcp: &TcpStream, peer: SocketAddr, listener: Arc<ListenerShared>) -> Arc
         pending_h2c: Mutex::new(None),
         upgrades: super::UpgradeGate::default(),
         close_cause: std::sync::OnceLock::new(),
+        request_metrics: Default::default(),
     })
 }
 

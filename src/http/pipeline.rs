@@ -13,7 +13,7 @@ use super::head::check_head;
 use super::request_body::{BodyFault, BodyState, RequestBody};
 use super::{HttpService, ServiceBody};
 use crate::conn::{h2c, CloseReason, ConnInfo, ConnShared, PendingH2c, Protocol};
-use crate::observe::metrics::{method_label, ListenerLabels, ProtocolLabels, RequestLabels};
+use crate::observe::metrics::{method_label, ListenerLabels};
 use crate::observe::otel::{RequestSpan, SpanEnd};
 use crate::observe::Switch;
 use crate::proxy::headers::connection_has;
@@ -204,67 +204,182 @@ where
         }
         let req = Request::from_parts(parts, body);
 
-        let mut svc = self.svc.clone();
-        Box::pin(async move {
-            let handled = async move {
-                std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
-                svc.call(req).await
-            };
-            let outcome = tokio::time::timeout(request_timeout, AssertUnwindSafe(handled).catch_unwind()).await;
-            let resp = match outcome {
-                Ok(Ok(_)) if body_state.fault().is_some() => {
-                    let fault = body_state.fault().unwrap_or(BodyFault::Aborted);
-                    answer_body_fault(record, fault, body_read_timeout)
-                }
-                Ok(Ok(Ok(mut resp))) => {
-                    let error = resp
-                        .extensions_mut()
-                        .remove::<AccessLogError>()
-                        .map(|e| Cow::Owned(e.0));
-                    let (parts, body) = resp.into_parts();
-                    record.attach_note(
-                        Response::from_parts(parts, Instrumented::inner(body)),
-                        close_after,
-                        error,
-                    )
-                }
-                Ok(Ok(Err(e))) => {
-                    let e: BoxError = e.into();
-                    tracing::error!(req_id = %record.req_id(), method = %record.method, path = %record.path, error = %e, "handler failed; answered 500");
-                    let resp = gatehouse_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
-                    record.attach(resp, close_after, Some("handler_error"))
-                }
-                Ok(Err(panic)) => {
-                    let listener = &record.conn.listener;
-                    listener
-                        .metrics
-                        .panics
-                        .get_or_create(&ListenerLabels {
-                            listener: listener.name.clone(),
-                        })
-                        .inc();
-                    tracing::error!(
-                        req_id = %record.req_id(),
-                        method = %record.method,
-                        path = %record.path,
-                        panic = %panic_message(&*panic),
-                        "handler panicked; answered 500"
-                    );
-                    let resp = gatehouse_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
-                    record.attach(resp, close_after, Some("panic"))
-                }
-                Err(_) => {
-                    let listener = &record.conn.listener;
-                    listener.metrics.timeout(&listener.name, "request");
-                    let resp = gatehouse_response(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "request took longer than timeouts.request\n",
-                    );
-                    record.attach(resp, close_after, Some("timeout:request"))
-                }
-            };
-            Ok(resp)
-        })
+        let pending = Pending {
+            record,
+            body_state,
+            body_read_timeout,
+            close_after,
+        };
+        match start_handler(self.svc.clone(), req) {
+            Ok(handled) => Box::pin(Answer {
+                handled: tokio::time::timeout(request_timeout, AssertUnwindSafe(handled).catch_unwind()),
+                pending: Some(pending),
+            }),
+            Err(panic) => Box::pin(std::future::ready(Ok(pending.conclude(Ok(Err(panic)))))),
+        }
+    }
+}
+
+/// A handler's result as the pipeline sees it: in time or not, panicked or not, and its own.
+type Outcome<B> =
+    Result<Result<Result<Response<B>, BoxError>, Box<dyn std::any::Any + Send>>, tokio::time::error::Elapsed>;
+
+/// What turns the handler's result into the answer: the request's record and its bounds.
+struct Pending {
+    record: Record,
+    body_state: Arc<BodyState>,
+    body_read_timeout: std::time::Duration,
+    close_after: bool,
+}
+
+impl Pending {
+    fn conclude<B>(self, outcome: Outcome<B>) -> Response<Instrumented<B>>
+    where
+        Instrumented<B>: Body,
+    {
+        let Pending {
+            record,
+            body_state,
+            body_read_timeout,
+            close_after,
+        } = self;
+        match outcome {
+            Ok(Ok(_)) if body_state.fault().is_some() => {
+                let fault = body_state.fault().unwrap_or(BodyFault::Aborted);
+                answer_body_fault(record, fault, body_read_timeout)
+            }
+            Ok(Ok(Ok(mut resp))) => {
+                let error = resp
+                    .extensions_mut()
+                    .remove::<AccessLogError>()
+                    .map(|e| Cow::Owned(e.0));
+                let (parts, body) = resp.into_parts();
+                record.attach_note(
+                    Response::from_parts(parts, Instrumented::inner(body)),
+                    close_after,
+                    error,
+                )
+            }
+            Ok(Ok(Err(e))) => {
+                tracing::error!(req_id = %record.req_id(), method = %record.method, path = %record.path, error = %e, "handler failed; answered 500");
+                let resp = gatehouse_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
+                record.attach(resp, close_after, Some("handler_error"))
+            }
+            Ok(Err(panic)) => {
+                let listener = &record.conn.listener;
+                listener
+                    .metrics
+                    .panics
+                    .get_or_create(&ListenerLabels {
+                        listener: listener.name.clone(),
+                    })
+                    .inc();
+                tracing::error!(
+                    req_id = %record.req_id(),
+                    method = %record.method,
+                    path = %record.path,
+                    panic = %panic_message(&*panic),
+                    "handler panicked; answered 500"
+                );
+                let resp = gatehouse_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
+                record.attach(resp, close_after, Some("panic"))
+            }
+            Err(_) => {
+                let listener = &record.conn.listener;
+                listener.metrics.timeout(&listener.name, "request");
+                let resp = gatehouse_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "request took longer than timeouts.request\n",
+                );
+                record.attach(resp, close_after, Some("timeout:request"))
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The answer to a request its handler took: the handler under `timeouts.request` and panic
+    /// capture, then the record attached. Written out rather than as an `async` block, which would
+    /// keep room for its captures next to the future it awaits and come out above 1 KiB: past the
+    /// allocator's small size classes, and copied whole on every move.
+    struct Answer<F> {
+        #[pin]
+        handled: tokio::time::Timeout<futures_util::future::CatchUnwind<AssertUnwindSafe<F>>>,
+        pending: Option<Pending>,
+    }
+}
+
+impl<F, B> Future for Answer<F>
+where
+    F: Future<Output = Result<Response<B>, BoxError>>,
+    Instrumented<B>: Body,
+{
+    type Output = Result<Response<Instrumented<B>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let outcome = std::task::ready!(this.handled.poll(cx));
+        match this.pending.take() {
+            Some(pending) => Poll::Ready(Ok(pending.conclude(outcome))),
+            // Polled again after it answered (hyper never does): there is nothing more to give.
+            None => Poll::Pending,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The handler's future: called at once (the usual case, polled in place), or boxed when its
+    /// service was not ready or refused.
+    #[project = HandledProj]
+    enum Handled<F, B> {
+        Called { #[pin] fut: F },
+        Later { fut: Pin<Box<dyn Future<Output = Result<Response<B>, BoxError>> + Send>> },
+    }
+}
+
+impl<F, B, E> Future for Handled<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<B>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            HandledProj::Called { fut } => fut.poll(cx).map_err(Into::into),
+            HandledProj::Later { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Calls the handler now when its service is ready (tower's services nearly always are), so the
+/// request head is dropped as early as the handler lets it go. hyper reserves its read buffer for
+/// the next request before it first polls this answer, and the buffer can be reused in place
+/// only if nothing still holds the head's bytes: a head kept alive until then costs a fresh 8 KiB
+/// buffer per request. A service that is not ready is polled again, with the task's waker, from
+/// the answer. A panic in `call` itself is the handler's, answered 500 like one in its future.
+fn start_handler<S, B>(
+    mut svc: S,
+    req: Request<RequestBody>,
+) -> Result<Handled<S::Future, B>, Box<dyn std::any::Any + Send>>
+where
+    S: HttpService<B>,
+    B: ServiceBody,
+{
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match svc.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => std::panic::catch_unwind(AssertUnwindSafe(|| Handled::Called { fut: svc.call(req) })),
+        Poll::Ready(Err(e)) => Ok(Handled::Later {
+            fut: Box::pin(std::future::ready(Err(e.into()))),
+        }),
+        Poll::Pending => Ok(Handled::Later {
+            fut: Box::pin(async move {
+                std::future::poll_fn(|cx| svc.poll_ready(cx))
+                    .await
+                    .map_err(Into::into)?;
+                svc.call(req).await.map_err(Into::into)
+            }),
+        }),
     }
 }
 
@@ -332,7 +447,7 @@ fn log_request_head(conn: &ConnShared, req: &Request<Incoming>) {
 
 /// The `h1_headers` switch: the response head as handed to the HTTP/1.1 encoder (which then adds
 /// `date` and the framing header, `content-length` or `transfer-encoding`).
-fn log_response_head<B>(conn: &ConnShared, req_id: &str, resp: &Response<B>) {
+fn log_response_head<B>(conn: &ConnShared, seq: u64, resp: &Response<B>) {
     let l = &conn.listener;
     l.debug.event(Switch::H1Headers, &l.name.0, conn.info.peer, || {
         let log = l.access_log.load();
@@ -346,7 +461,7 @@ fn log_response_head<B>(conn: &ConnShared, req_id: &str, resp: &Response<B>) {
         let line = log
             .redactor()
             .head_line("response head", start.len(), start, resp.headers());
-        format!("conn {} req {req_id} {line}", conn.info.id)
+        format!("conn {} req {}-{seq} {line}", conn.info.id, conn.info.id)
     });
 }
 
@@ -531,7 +646,7 @@ impl Record {
         self.status = resp.status().as_u16();
         self.error = error;
         if self.protocol == Protocol::Http11 {
-            log_response_head(&self.conn, &self.req_id(), &resp);
+            log_response_head(&self.conn, self.seq, &resp);
         }
         let ended = self.complete_if_dropped;
         let body = resp.body_mut();
@@ -568,24 +683,14 @@ impl Record {
             );
         }
         let protocol = self.protocol.as_str();
-        listener
-            .metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                listener: listener.name.clone(),
-                protocol,
-                method: method_label(&self.method),
-                status: self.status,
-            })
-            .inc();
-        listener
-            .metrics
-            .request_duration
-            .get_or_create(&ProtocolLabels {
-                listener: listener.name.clone(),
-                protocol,
-            })
-            .observe(elapsed.as_secs_f64());
+        listener.metrics.request_done(
+            &self.conn.request_metrics,
+            &listener.name,
+            protocol,
+            method_label(&self.method),
+            self.status,
+            elapsed.as_secs_f64(),
+        );
         let log = listener.access_log.load();
         log.record(|line| {
             let info = &self.conn.info;

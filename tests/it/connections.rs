@@ -243,3 +243,109 @@ async fn a_panicking_handler_answers_500_and_the_connection_keeps_serving() {
         .unwrap()
         .unwrap();
 }
+
+/// A handler service whose readiness the test controls, and whose `call` itself (not its future)
+/// panics on `/panic-in-call`.
+#[derive(Clone, Default)]
+struct Gated {
+    state: std::sync::Arc<GatedState>,
+}
+
+#[derive(Default)]
+struct GatedState {
+    open: std::sync::atomic::AtomicBool,
+    refuse: std::sync::atomic::AtomicBool,
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+    /// Signalled each time a request finds the service not ready.
+    asked: tokio::sync::Notify,
+}
+
+impl tower::Service<http::Request<gatehouse::RequestBody>> for Gated {
+    type Response = http::Response<http_body_util::Full<bytes::Bytes>>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.state.refuse.load(SeqCst) {
+            return std::task::Poll::Ready(Err(std::io::Error::other("not taking requests")));
+        }
+        if self.state.open.load(SeqCst) {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        *self.state.waker.lock().unwrap() = Some(cx.waker().clone());
+        self.state.asked.notify_one();
+        std::task::Poll::Pending
+    }
+
+    fn call(&mut self, req: http::Request<gatehouse::RequestBody>) -> Self::Future {
+        // tower's contract: `call` only after `poll_ready` said ready.
+        assert!(
+            self.state.open.load(std::sync::atomic::Ordering::SeqCst),
+            "called before ready"
+        );
+        if req.uri().path() == "/panic-in-call" {
+            panic!("bug in call");
+        }
+        std::future::ready(Ok(http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+            "fine",
+        )))))
+    }
+}
+
+/// The pipeline calls a ready handler at once; one that is not ready is polled again with the
+/// connection's waker until it is, one that refuses answers 500, and a panic in `call` itself is
+/// a 500 like a panic in its future.
+#[tokio::test]
+async fn a_handler_that_is_not_ready_is_waited_for_and_one_that_refuses_answers_500() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let gated = Gated::default();
+    let state = gated.state.clone();
+    let srv = TestServer::start_service(&format!("{CLEAR}[log]\naccess_log = \"off\"\n"), gated).await;
+    let addr = srv.addr("c");
+
+    // Not ready: the request waits, and is answered once the service wakes the connection.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let asked = state.asked.notified();
+    s.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), asked)
+        .await
+        .expect("the pipeline asks the service whether it is ready");
+    state.open.store(true, SeqCst);
+    let waker = state.waker.lock().unwrap().take().expect("a waker was left");
+    waker.wake();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1024];
+    while !String::from_utf8_lossy(&head).ends_with("fine") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .expect("answered once the service is ready")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&head));
+        head.extend_from_slice(&b[..n]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"));
+
+    // A panic in `call`, then a normal request on the same connection.
+    let resp = raw_exchange(
+        addr,
+        b"GET /panic-in-call HTTP/1.1\r\nhost: a\r\n\r\nGET /ok HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 500"), "{resp}");
+    assert!(resp.contains("HTTP/1.1 200") && resp.ends_with("fine"), "{resp}");
+    assert_eq!(srv.metric(r#"gatehouse_panics_total{listener="c"}"#), 1.0);
+
+    // Refusing: 500, counted as a handler error.
+    state.refuse.store(true, SeqCst);
+    let resp = raw_exchange(addr, b"GET /ok HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 500"), "{resp}");
+    assert!(
+        srv.wait_metric(
+            r#"gatehouse_requests_total{listener="c",protocol="http/1.1",method="GET",status="500"}"#,
+            2.0
+        )
+        .await
+    );
+    srv.stop().await;
+}

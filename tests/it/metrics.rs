@@ -161,6 +161,102 @@ async fn counters_move_by_exactly_the_traffic_sent() {
     srv.stop().await;
 }
 
+/// A connection remembers the request series it counted last; requests that change method,
+/// status or protocol on the same connection, or finish at once on concurrent HTTP/2 streams,
+/// must each still land in their own series.
+#[tokio::test]
+async fn one_connection_counts_each_request_under_its_own_labels() {
+    let toml = "[[listeners]]\nname = \"c\"\naddress = \"127.0.0.1:0\"\nprotocols = [\"http/1.1\", \"h2c\"]\n\
+         [[routes]]\npath = \"/a\"\nrespond = { status = 200, body = \"a\" }\n\
+         [[routes]]\npath = \"/b\"\nrespond = { status = 410, body = \"b\" }\n";
+    let srv = TestServer::start(toml).await;
+    let before = samples(&srv.handle.metrics.encode_text());
+
+    // HTTP/1.1, one connection, written as one pipelined batch: each request's status or method
+    // differs from the one before it.
+    let batch = [
+        "GET /a",
+        "GET /b",
+        "HEAD /a",
+        "GET /a",
+        "GET /nowhere",
+        "GET /a",
+        "GET /b",
+    ]
+    .iter()
+    .map(|r| format!("{r} HTTP/1.1\r\nhost: x\r\n\r\n"))
+    .collect::<String>()
+        + "GET /a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    let mut s = tokio::net::TcpStream::connect(srv.addr("c")).await.unwrap();
+    s.write_all(batch.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the server closes after the last request")
+        .unwrap();
+    let statuses: Vec<&str> = String::from_utf8_lossy(&out)
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &out[i + 9..i + 12])
+        .map(|b| std::str::from_utf8(b).unwrap())
+        .collect();
+    assert_eq!(statuses, ["200", "410", "200", "200", "404", "200", "410", "200"]);
+
+    // h2c, one connection, 12 streams at once over three routes.
+    let tcp = tokio::net::TcpStream::connect(srv.addr("c")).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut waiting = Vec::new();
+    for i in 0..12 {
+        let path = ["/a", "/b", "/nowhere"][i % 3];
+        let mut client = client.clone().ready().await.unwrap();
+        let req = http::Request::get(format!("http://x{path}")).body(()).unwrap();
+        waiting.push(client.send_request(req, true).unwrap().0);
+    }
+    for (i, resp) in waiting.into_iter().enumerate() {
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status().as_u16(), [200, 410, 404][i % 3]);
+        let mut body = resp.into_body();
+        while let Some(chunk) = body.data().await {
+            chunk.unwrap();
+        }
+    }
+    drop(client);
+    let _ = conn.await;
+
+    let series = |protocol: &str, method: &str, status: u16| {
+        format!(r#"gatehouse_requests_total{{listener="c",protocol="{protocol}",method="{method}",status="{status}"}}"#)
+    };
+    let want = [
+        (series("http/1.1", "GET", 200), 4.0),
+        (series("http/1.1", "HEAD", 200), 1.0),
+        (series("http/1.1", "GET", 410), 2.0),
+        (series("http/1.1", "GET", 404), 1.0),
+        (series("h2c", "GET", 200), 4.0),
+        (series("h2c", "GET", 410), 4.0),
+        (series("h2c", "GET", 404), 4.0),
+        (
+            r#"gatehouse_request_duration_seconds_count{listener="c",protocol="http/1.1"}"#.to_string(),
+            8.0,
+        ),
+        (
+            r#"gatehouse_request_duration_seconds_count{listener="c",protocol="h2c"}"#.to_string(),
+            12.0,
+        ),
+    ];
+    // Counted as each response body ends: wait for the last before reading them all.
+    assert!(
+        srv.wait_metric(&want[8].0, 12.0).await,
+        "{}",
+        srv.handle.metrics.encode_text()
+    );
+    let after = samples(&srv.handle.metrics.encode_text());
+    for (series, n) in &want {
+        let moved = after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0);
+        assert_eq!(moved, *n, "{series}");
+    }
+    srv.stop().await;
+}
+
 /// One GET on a keep-alive HTTP/1.1 connection; returns the body (read by its Content-Length).
 async fn h1_exchange(s: &mut tokio::net::TcpStream) -> String {
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
