@@ -333,6 +333,8 @@ pub(super) fn park(
         if io.has_prefix() {
             return Ok(io);
         }
+        // A parked connection keeps only what it must; its next request looks its series up.
+        conn.request_metrics.forget();
         let (info, listener) = (&conn.info, &conn.listener);
         let check = || watchdog::check(info, true, &listener.settings.load().timeouts, Instant::now());
         let at = match check() {

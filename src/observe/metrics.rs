@@ -96,8 +96,8 @@ fn duration_histogram() -> Histogram {
 /// the two per request were about 750 of an HTTP/1.1 request's 19,000 user-space instructions
 /// (callgrind). A keep-alive connection's requests mostly share method and status, so the
 /// connection keeps the last pair of handles; series are never removed from these families, so
-/// a kept handle always counts into the exposed series. Boxed: an idle connection pays one
-/// pointer for it.
+/// a kept handle always counts into the exposed series. Boxed, and dropped when an idle
+/// connection parks: such a connection pays one pointer for it.
 #[derive(Debug, Default)]
 pub struct RequestMetricsCache(std::sync::Mutex<Option<Box<RequestSeries>>>);
 
@@ -108,6 +108,15 @@ struct RequestSeries {
     status: u16,
     requests: Counter,
     duration: Histogram,
+}
+
+impl RequestMetricsCache {
+    /// Drops the kept handles (an idle connection parks with as little as it can).
+    pub fn forget(&self) {
+        if let Ok(mut slot) = self.0.try_lock() {
+            *slot = None;
+        }
+    }
 }
 
 impl RequestSeries {
