@@ -262,11 +262,12 @@ impl tower_service::Service<Request<RequestBody>> for Router {
     }
 }
 
-/// The route for `host` and `path`, and the rest of the path after its prefix.
-fn lookup<'t, 'p>(table: &'t RouteTable, host: &str, path: &'p str) -> Option<(&'t Route, &'p str)> {
-    table.routes.iter().find_map(|r| {
+/// The route for `host` and `path` (with its index in the table), and the rest of the path after
+/// its prefix.
+fn lookup<'t, 'p>(table: &'t RouteTable, host: &str, path: &'p str) -> Option<(usize, &'t Route, &'p str)> {
+    table.routes.iter().enumerate().find_map(|(i, r)| {
         if r.host.matches(host) {
-            r.strip(path).map(|rest| (r, rest))
+            r.strip(path).map(|rest| (i, r, rest))
         } else {
             None
         }
@@ -281,8 +282,8 @@ fn answer_at_once(table: &RouteTable, req: &Request<RequestBody>) -> Option<Resp
     }
     match lookup(table, request_host(req), req.uri().path()) {
         None => Some(handlers::text(StatusCode::NOT_FOUND, "not found\n")),
-        Some((route, _)) if route.rate_limit.is_some() => None,
-        Some((route, rest)) => answer_from_head(route, rest, req),
+        Some((_, route, _)) if route.rate_limit.is_some() => None,
+        Some((_, route, rest)) => answer_from_head(route, rest, req),
     }
 }
 
@@ -293,15 +294,7 @@ fn static_route(table: &RouteTable, req: &Request<RequestBody>) -> Option<(usize
         return None;
     }
     let path = req.uri().path();
-    let host = request_host(req);
-    let (index, rest) = table.routes.iter().enumerate().find_map(|(i, r)| {
-        if r.host.matches(host) {
-            r.strip(path).map(|rest| (i, rest))
-        } else {
-            None
-        }
-    })?;
-    let route = &table.routes[index];
+    let (index, route, rest) = lookup(table, request_host(req), path)?;
     (matches!(route.handler, Handler::Static(_)) && route.rate_limit.is_none())
         .then(|| (index, path.len() - rest.len()))
 }
@@ -404,7 +397,7 @@ async fn route(
     resilience: &ArcSwap<ResilienceMetrics>,
     req: Request<RequestBody>,
 ) -> Response<ResponseBody> {
-    let found = lookup(table, request_host(&req), req.uri().path()).map(|(r, rest)| (r, rest.to_string()));
+    let found = lookup(table, request_host(&req), req.uri().path()).map(|(_, r, rest)| (r, rest.to_string()));
     // Before the handler (and before the body is read): a refused request costs nothing more.
     let admitted = match found.as_ref().and_then(|(r, _)| r.rate_limit) {
         None => None,
