@@ -461,7 +461,8 @@ fn log_response_head<B>(conn: &ConnShared, seq: u64, resp: &Response<B>) {
         let line = log
             .redactor()
             .head_line("response head", start.len(), start, resp.headers());
-        format!("conn {} req {}-{seq} {line}", conn.info.id, conn.info.id)
+        let id = conn.info.id;
+        format!("conn {id} req {id}-{seq} {line}")
     });
 }
 

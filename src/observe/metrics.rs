@@ -320,12 +320,15 @@ impl Metrics {
         let Ok(mut slot) = cache.0.try_lock() else {
             return self.request_series(listener, protocol, method, status).observe(secs);
         };
-        match &*slot {
+        match &mut *slot {
             Some(c) if c.status == status && c.method == method && c.protocol == protocol => c.observe(secs),
-            _ => {
+            kept => {
                 let c = self.request_series(listener, protocol, method, status);
                 c.observe(secs);
-                *slot = Some(Box::new(c));
+                match kept {
+                    Some(b) => **b = c,
+                    None => *slot = Some(Box::new(c)),
+                }
             }
         }
     }

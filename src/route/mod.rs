@@ -246,19 +246,23 @@ impl tower_service::Service<Request<RequestBody>> for Router {
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> RouterFuture {
-        if let Some(resp) = answer_at_once(&self.table.load(), &req) {
-            return RouterFuture(RouterAnswer::Ready(std::future::ready(Ok(resp))));
+        let table = self.table.load();
+        match way(&table, &req) {
+            Way::Now(resp) => RouterFuture(RouterAnswer::Ready(std::future::ready(Ok(resp)))),
+            Way::File { index, rest_at } => {
+                let table = arc_swap::Guard::into_inner(table);
+                RouterFuture(RouterAnswer::Waiting(Box::pin(serve_file(table, index, rest_at, req))))
+            }
+            Way::Route => {
+                let table = arc_swap::Guard::into_inner(table);
+                let gateway = self.gateway.clone();
+                // The metrics are loaded only by a refusal: a request that passes costs one `Arc` clone.
+                let resilience = self.resilience.clone();
+                RouterFuture(RouterAnswer::Waiting(Box::pin(async move {
+                    Ok(route(&table, &gateway, &resilience, req).await)
+                })))
+            }
         }
-        let table = self.table.load_full();
-        if let Some((index, rest_at)) = static_route(&table, &req) {
-            return RouterFuture(RouterAnswer::Waiting(Box::pin(serve_file(table, index, rest_at, req))));
-        }
-        let gateway = self.gateway.clone();
-        // The metrics are loaded only by a refusal: a request that passes costs one `Arc` clone.
-        let resilience = self.resilience.clone();
-        RouterFuture(RouterAnswer::Waiting(Box::pin(async move {
-            Ok(route(&table, &gateway, &resilience, req).await)
-        })))
     }
 }
 
@@ -274,32 +278,39 @@ fn lookup<'t, 'p>(table: &'t RouteTable, host: &str, path: &'p str) -> Option<(u
     })
 }
 
-/// The answer to `req` when it needs no waiting: no body to read, no rate limit, and a handler
-/// that answers from the request head alone (or no route at all).
-fn answer_at_once(table: &RouteTable, req: &Request<RequestBody>) -> Option<Response<ResponseBody>> {
-    if !http_body::Body::is_end_stream(req.body()) {
-        return None;
-    }
-    match lookup(table, request_host(req), req.uri().path()) {
-        None => Some(handlers::text(StatusCode::NOT_FOUND, "not found\n")),
-        Some((_, route, _)) if route.rate_limit.is_some() => None,
-        Some((_, route, rest)) => answer_from_head(route, rest, req),
-    }
+/// How the router answers a request. Short-lived, returned by value: boxing the answer would
+/// cost the allocation the ready path avoids.
+#[allow(clippy::large_enum_variant)]
+enum Way {
+    /// From the request head alone: a fixed answer, a redirect, the connection info, a 404.
+    Now(Response<ResponseBody>),
+    /// A static file: the route's index, and where the rest of the path starts after its prefix.
+    File { index: usize, rest_at: usize },
+    /// With the whole routing future: a body to read first, a rate limit, the proxy.
+    Route,
 }
 
-/// A request without a body for a static route without a rate limit: the route's index, and
-/// where the rest of the path starts after the route's prefix.
-fn static_route(table: &RouteTable, req: &Request<RequestBody>) -> Option<(usize, usize)> {
+fn way(table: &RouteTable, req: &Request<RequestBody>) -> Way {
     if !http_body::Body::is_end_stream(req.body()) {
-        return None;
+        return Way::Route;
     }
     let path = req.uri().path();
-    let (index, route, rest) = lookup(table, request_host(req), path)?;
-    (matches!(route.handler, Handler::Static(_)) && route.rate_limit.is_none())
-        .then(|| (index, path.len() - rest.len()))
+    let Some((index, route, rest)) = lookup(table, request_host(req), path) else {
+        return Way::Now(handlers::text(StatusCode::NOT_FOUND, "not found\n"));
+    };
+    if route.rate_limit.is_some() {
+        return Way::Route;
+    }
+    match route.handler {
+        Handler::Static(_) => Way::File {
+            index,
+            rest_at: path.len() - rest.len(),
+        },
+        _ => answer_from_head(route, rest, req).map_or(Way::Route, Way::Now),
+    }
 }
 
-/// Serves a file for [`static_route`]'s request: a future of about 500 bytes that holds the
+/// Serves a file for a [`Way::File`] request: a future of about 500 bytes that holds the
 /// request and the file lookup, rather than the whole routing future (2 KiB, every handler's
 /// states) boxed and moved for each file.
 async fn serve_file(

@@ -207,13 +207,7 @@ async fn a_panicking_handler_answers_500_and_the_connection_keeps_serving() {
     let task = tokio::spawn(server.serve(svc));
 
     // HTTP/1.1: the 500 keeps the connection usable.
-    let resp = raw_exchange(
-        addr,
-        b"GET /panic HTTP/1.1\r\nhost: a\r\n\r\nGET /ok HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
-    )
-    .await;
-    assert!(resp.starts_with("HTTP/1.1 500"), "{resp}");
-    assert!(resp.contains("HTTP/1.1 200") && resp.ends_with("fine"), "{resp}");
+    answers_500_then_serves(addr, "/panic").await;
 
     // HTTP/2: the other stream on the same connection is served.
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -242,6 +236,16 @@ async fn a_panicking_handler_answers_500_and_the_connection_keeps_serving() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+/// `GET {path}` answers 500 and the next request on the same HTTP/1.1 connection is served
+/// ("fine", from the test's handler).
+async fn answers_500_then_serves(addr: std::net::SocketAddr, path: &str) {
+    let both =
+        format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\nGET /ok HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+    let resp = raw_exchange(addr, both.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 500"), "{resp}");
+    assert!(resp.contains("HTTP/1.1 200") && resp.ends_with("fine"), "{resp}");
 }
 
 /// A handler service whose readiness the test controls, and whose `call` itself (not its future)
@@ -327,13 +331,7 @@ async fn a_handler_that_is_not_ready_is_waited_for_and_one_that_refuses_answers_
     assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"));
 
     // A panic in `call`, then a normal request on the same connection.
-    let resp = raw_exchange(
-        addr,
-        b"GET /panic-in-call HTTP/1.1\r\nhost: a\r\n\r\nGET /ok HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
-    )
-    .await;
-    assert!(resp.starts_with("HTTP/1.1 500"), "{resp}");
-    assert!(resp.contains("HTTP/1.1 200") && resp.ends_with("fine"), "{resp}");
+    answers_500_then_serves(addr, "/panic-in-call").await;
     assert_eq!(srv.metric(r#"gatehouse_panics_total{listener="c"}"#), 1.0);
 
     // Refusing: 500, counted as a handler error.
