@@ -4,7 +4,7 @@
 
 use super::body::StaleRequest;
 use super::connect::ConnectError;
-use super::metrics::{CauseLabels, StatusLabels, UnavailableLabels, UpstreamLabels};
+use super::metrics::{CauseLabels, StatusLabels, UnavailableLabels};
 use super::pool::ServerPool;
 use super::resilience::stale::FallbackKind;
 use super::upstream::Upstream;
@@ -130,21 +130,8 @@ pub(super) fn record_status(pool: &ServerPool, status: &str) {
 }
 
 /// Counts a response head received, and the connection it came on for the reuse ratio.
-pub(super) fn record_sent(pool: &ServerPool, reused: bool, status: &str) {
-    record_status(pool, status);
-    let m = pool.metrics();
-    let labels = UpstreamLabels {
-        upstream: pool.upstream.clone(),
-    };
-    let all = m.sent.get_or_create(&labels).inc() + 1;
-    let reused_count = if reused {
-        m.sent_reused.get_or_create(&labels).inc() + 1
-    } else {
-        m.sent_reused.get_or_create(&labels).get()
-    };
-    m.reuse_ratio
-        .get_or_create(&labels)
-        .set(reused_count as f64 / all as f64);
+pub(super) fn record_sent(pool: &ServerPool, reused: bool, status: StatusCode) {
+    pool.sent_series(status, |series| series.count(reused));
 }
 
 /// gatehouse's answer for an exchange that failed: counted, logged, and named in the access log.

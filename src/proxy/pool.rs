@@ -18,9 +18,9 @@
 //! on HTTP/1.1, which costs the connection).
 
 use super::connect::{self, ConnectError, ConnectSettings, Sender, UpBody, Wire};
-use super::metrics::{OpenedLabels, ReasonLabels, ServerLabels, UpstreamMetrics};
+use super::metrics::{OpenedLabels, ReasonLabels, SentSeries, ServerLabels, UpstreamMetrics};
 use crate::observe::Name;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::client::conn::{http1, http2};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -81,6 +81,8 @@ pub struct ServerPool {
     /// Removed from the configuration by a reload: connections close as they become idle.
     retired: AtomicBool,
     conn_ids: AtomicU64,
+    /// The series the last response head was counted in (see [`SentSeries`]).
+    sent_series: ArcSwapOption<SentSeries>,
 }
 
 impl std::fmt::Debug for ServerPool {
@@ -129,11 +131,27 @@ impl ServerPool {
             speaks_h1: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             conn_ids: AtomicU64::new(0),
+            sent_series: ArcSwapOption::empty(),
         }
     }
 
     pub fn metrics(&self) -> arc_swap::Guard<Arc<UpstreamMetrics>> {
         self.metrics.load()
+    }
+
+    /// Runs `f` with the series a response head with `status` counts in: those of the last
+    /// response when its status was the same, else looked up and kept for the next.
+    pub(super) fn sent_series(&self, status: http::StatusCode, f: impl FnOnce(&SentSeries)) {
+        let metrics = self.metrics.load();
+        let kept = self.sent_series.load();
+        match kept.as_deref() {
+            Some(series) if series.counts_for(&metrics, status) => f(series),
+            _ => {
+                let series = Arc::new(SentSeries::new(&metrics, &self.upstream, &self.server, status));
+                f(&series);
+                self.sent_series.store(Some(series));
+            }
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {

@@ -8,6 +8,7 @@ use crate::config::{Builtin, Config, Findings, RouteConfig, StaticCacheConfig};
 use crate::handlers::{self, StaticFiles};
 use crate::http::body::ResponseBody;
 use crate::http::{RequestBody, RequestContext};
+use crate::proxy::resilience::classes::InFlight;
 use crate::proxy::resilience::metrics::ResilienceMetrics;
 use crate::proxy::{Gateway, UpstreamSpec};
 use arc_swap::ArcSwap;
@@ -253,6 +254,14 @@ impl tower_service::Service<Request<RequestBody>> for Router {
                 let table = arc_swap::Guard::into_inner(table);
                 RouterFuture(RouterAnswer::Waiting(Box::pin(serve_file(table, index, rest_at, req))))
             }
+            Way::Proxy { index } => {
+                let table = arc_swap::Guard::into_inner(table);
+                let gateway = self.gateway.clone();
+                let resilience = self.resilience.clone();
+                RouterFuture(RouterAnswer::Waiting(Box::pin(async move {
+                    Ok(proxy(&table, &gateway, &resilience, index, req).await)
+                })))
+            }
             Way::Route => {
                 let table = arc_swap::Guard::into_inner(table);
                 let gateway = self.gateway.clone();
@@ -286,22 +295,27 @@ enum Way {
     Now(Response<ResponseBody>),
     /// A static file: the route's index, and where the rest of the path starts after its prefix.
     File { index: usize, rest_at: usize },
-    /// With the whole routing future: a body to read first, a rate limit, the proxy.
+    /// The proxy, on the route with this index (its body, if any, streams upstream).
+    Proxy { index: usize },
+    /// With the whole routing future: a body to read first, a rate limit.
     Route,
 }
 
 fn way(table: &RouteTable, req: &Request<RequestBody>) -> Way {
-    if !http_body::Body::is_end_stream(req.body()) {
-        return Way::Route;
-    }
+    let bodiless = http_body::Body::is_end_stream(req.body());
     let path = req.uri().path();
     let Some((index, route, rest)) = lookup(table, request_host(req), path) else {
-        return Way::Now(handlers::text(StatusCode::NOT_FOUND, "not found\n"));
+        if bodiless {
+            return Way::Now(handlers::text(StatusCode::NOT_FOUND, "not found\n"));
+        }
+        return Way::Route;
     };
     if route.rate_limit.is_some() {
         return Way::Route;
     }
     match route.handler {
+        Handler::Proxy { .. } => Way::Proxy { index },
+        _ if !bodiless => Way::Route,
         Handler::Static(_) => Way::File {
             index,
             rest_at: path.len() - rest.len(),
@@ -426,6 +440,58 @@ async fn route(
     resp
 }
 
+/// Proxies a request on the route at `index` (one without a rate limit, see [`Way::Proxy`]):
+/// the proxy's future inline in the one box the router makes, rather than boxed again inside
+/// the routing future's box.
+async fn proxy(
+    table: &RouteTable,
+    gateway: &Gateway,
+    resilience: &ArcSwap<ResilienceMetrics>,
+    index: usize,
+    req: Request<RequestBody>,
+) -> Response<ResponseBody> {
+    let Some(Handler::Proxy { upstream }) = table.routes.get(index).map(|r| &r.handler) else {
+        return handlers::text(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
+    };
+    let (u, slot) = match admit(table, gateway, resilience, upstream, &req) {
+        Ok(admitted) => admitted,
+        Err(refused) => return *refused,
+    };
+    hold_slot(crate::proxy::forward(u, req).await, slot)
+}
+
+/// An upstream a request may go to, and the slot of its traffic class (when it has classes).
+type Admitted = (Arc<crate::proxy::Upstream>, Option<InFlight>);
+
+/// The upstream named `upstream`, and the slot of its traffic class if it has any; or the answer
+/// when the class sheds the request.
+fn admit(
+    table: &RouteTable,
+    gateway: &Gateway,
+    resilience: &ArcSwap<ResilienceMetrics>,
+    upstream: &str,
+    req: &Request<RequestBody>,
+) -> Result<Admitted, Box<Response<ResponseBody>>> {
+    let Some(u) = gateway.get(upstream) else {
+        // Only a request racing a reload that removed the upstream can get here.
+        return Err(Box::new(handlers::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream not configured\n",
+        )));
+    };
+    let slot = table.admission.admit(&u, req.headers(), resilience)?;
+    Ok((u, slot))
+}
+
+/// The class slot is held until the response body ends (a streamed response keeps the upstream
+/// busy); any other answer is complete here, and the slot drops now.
+fn hold_slot(mut resp: Response<ResponseBody>, slot: Option<InFlight>) -> Response<ResponseBody> {
+    if let (Some(slot), ResponseBody::Upstream(body)) = (slot, resp.body_mut()) {
+        body.hold(slot);
+    }
+    resp
+}
+
 async fn dispatch(
     table: &RouteTable,
     gateway: &Gateway,
@@ -442,23 +508,14 @@ async fn dispatch(
         _,
     )) = &found
     {
-        let Some(u) = gateway.get(upstream) else {
-            // Only a request racing a reload that removed the upstream can get here.
-            return handlers::text(StatusCode::SERVICE_UNAVAILABLE, "upstream not configured\n");
-        };
-        let slot = match table.admission.admit(&u, req.headers(), resilience) {
-            Ok(slot) => slot,
-            Err(shed) => return *shed,
+        let (u, slot) = match admit(table, gateway, resilience, upstream, &req) {
+            Ok(admitted) => admitted,
+            Err(refused) => return *refused,
         };
         // Boxed: the proxy's state is most of a route's, and inline it would make every request's
         // future (a static file's, a fixed answer's) that large, allocated and moved on each call.
-        let mut resp = Box::pin(crate::proxy::forward(u, req)).await;
-        // The class slot is held until the response body ends (a streamed response keeps the
-        // upstream busy); any other answer is complete here, and the slot drops with this scope.
-        if let (Some(slot), ResponseBody::Upstream(body)) = (slot, resp.body_mut()) {
-            body.hold(slot);
-        }
-        return resp;
+        let resp = Box::pin(crate::proxy::forward(u, req)).await;
+        return hold_slot(resp, slot);
     }
     if discard_body(req.body_mut()).await.is_err() {
         return handlers::text(StatusCode::BAD_REQUEST, "request body could not be read\n");

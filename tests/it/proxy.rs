@@ -204,6 +204,49 @@ async fn sequential_reuse(kind: Kind, protocol: &str, http2_client: bool) {
     srv.stop().await;
 }
 
+/// The series a response is counted in follow its status when the status changes from one
+/// response to the next on the same upstream server and connection.
+#[tokio::test]
+async fn each_upstream_status_is_counted_under_its_own_label() {
+    let be = Backend::start(
+        Kind::H1,
+        handler(|req| async move {
+            let code: u16 = req.uri().path().trim_start_matches('/').parse().unwrap();
+            let mut r = text("ok");
+            *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+            r
+        }),
+    )
+    .await;
+    let srv = proxy(&[be.addr], "").await;
+    let c = client(false);
+    let statuses = [200, 404, 404, 200, 201, 200, 404];
+    for status in statuses {
+        let resp = c
+            .get(format!("http://{}/{status}", srv.addr("c")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status);
+        resp.bytes().await.unwrap();
+    }
+    for (status, want) in [(200, 3.0), (404, 3.0), (201, 1.0)] {
+        assert_eq!(
+            srv.metric(&series(
+                "upstream_requests_total",
+                &format!("upstream=\"api\",server=\"{}\",status=\"{status}\"", be.addr)
+            )),
+            want,
+            "status {status}"
+        );
+    }
+    // One connection: every request after the first reused it.
+    assert_eq!(be.accepted.load(SeqCst), 1);
+    let ratio = srv.metric(&series("upstream_connection_reuse_ratio", "upstream=\"api\""));
+    assert!((ratio - 6.0 / 7.0).abs() < 1e-9, "reuse ratio {ratio}");
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn thousand_sequential_requests_reuse_http1_connections() {
     sequential_reuse(Kind::H1, "http/1.1", false).await;
