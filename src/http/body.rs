@@ -20,8 +20,10 @@ pub enum ResponseBody {
     Empty,
     Full(Option<Bytes>),
     File(FileBody),
-    /// A proxied upstream response, streamed as it arrives (trailers included).
-    Upstream(crate::proxy::UpstreamBody),
+    /// A proxied upstream response, streamed as it arrives (trailers included). Boxed: inline, it
+    /// made every response 104 bytes larger (272 rather than 168), and a response is moved about
+    /// twenty times between the handler and hyper's encoder, a `memcpy` each on every route.
+    Upstream(Box<crate::proxy::UpstreamBody>),
 }
 
 impl ResponseBody {

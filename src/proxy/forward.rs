@@ -325,7 +325,7 @@ impl Attempt<'_> {
             }
         };
         pool.observe_latency(started.elapsed());
-        record_sent(&pool, lease.reused, resp.status().as_str());
+        record_sent(&pool, lease.reused, resp.status());
         let status = resp.status();
         let outcome = if status.is_server_error() {
             Outcome::ServerError
@@ -387,7 +387,7 @@ impl Attempt<'_> {
             },
             tee,
         );
-        let resp = Response::from_parts(parts, ResponseBody::Upstream(body));
+        let resp = Response::from_parts(parts, ResponseBody::Upstream(Box::new(body)));
         if matches!(status.as_u16(), 502..=504) {
             return Attempted::Failed {
                 answer: resp,
