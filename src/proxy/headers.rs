@@ -118,23 +118,15 @@ pub fn append_via(headers: &mut HeaderMap, version: Version) {
     let via = via_value(version);
     debug_assert!(via.as_bytes().ends_with(VIA_NAME.as_bytes()));
     // The usual case, on every request and response, is the first hop: no copy of the value.
-    append(headers, header::VIA, via, Ok);
+    append(headers, header::VIA, via);
 }
 
 /// Appends `value` to a list field, folding every earlier line of it into one (RFC 9110 §5.3).
-/// `first` makes the field's value when it is the first hop (nothing to fold), so a value that
-/// is a `HeaderValue` already is not copied. One lookup of `name` either way.
-fn append<V: AsRef<[u8]>>(
-    headers: &mut HeaderMap,
-    name: HeaderName,
-    value: V,
-    first: fn(V) -> Result<HeaderValue, header::InvalidHeaderValue>,
-) {
+/// The first hop (the usual case) inserts `value` as it is. One lookup of `name` either way.
+fn append(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
     match headers.entry(name) {
         header::Entry::Vacant(slot) => {
-            if let Ok(v) = first(value) {
-                slot.insert(v);
-            }
+            slot.insert(value);
         }
         header::Entry::Occupied(mut lines) => {
             let mut joined = Vec::new();
@@ -146,7 +138,7 @@ fn append<V: AsRef<[u8]>>(
                 joined.extend_from_slice(line);
                 joined.extend_from_slice(b", ");
             }
-            joined.extend_from_slice(value.as_ref());
+            joined.extend_from_slice(value.as_bytes());
             if let Ok(v) = HeaderValue::from_bytes(&joined) {
                 lines.insert(v);
             }
@@ -246,21 +238,18 @@ pub fn to_upstream(
             IpAddr::V4(_) => &fwd["for=".len()..],
             IpAddr::V6(_) => &fwd["for=\"[".len()..fwd.len() - "]\"".len()],
         };
-        append(
-            &mut parts.headers,
-            HeaderName::from_static("x-forwarded-for"),
-            node,
-            |v: &str| HeaderValue::from_str(v),
-        );
+        if let Ok(node) = HeaderValue::from_str(node) {
+            append(&mut parts.headers, HeaderName::from_static("x-forwarded-for"), node);
+        }
         fwd.push_str(";proto=");
         fwd.push_str(proto);
         if let Some(h) = original_host.as_ref().and_then(|h| h.to_str().ok()) {
             fwd.push_str(";host=");
             push_forwarded_value(&mut fwd, h);
         }
-        append(&mut parts.headers, header::FORWARDED, fwd.as_str(), |v: &str| {
-            HeaderValue::from_str(v)
-        });
+        if let Ok(fwd) = HeaderValue::from_str(&fwd) {
+            append(&mut parts.headers, header::FORWARDED, fwd);
+        }
     }
     parts.headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
@@ -392,6 +381,9 @@ mod tests {
         assert_eq!(hop_by_hop_fields(&h), 0);
         assert!(!strip_hop_by_hop(&mut h));
         assert_eq!(h.len(), 2);
+        let mut c = h.clone();
+        c.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        assert_eq!(hop_by_hop_fields(&c), CONNECTION_BIT);
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         assert_eq!(hop_by_hop_fields(&h), 1 << 2 | TE_BIT);
@@ -421,8 +413,7 @@ mod tests {
         append(
             &mut h,
             HeaderName::from_static("x-forwarded-for"),
-            "10.0.0.3",
-            HeaderValue::from_str,
+            HeaderValue::from_static("10.0.0.3"),
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 10.0.0.3");
     }
