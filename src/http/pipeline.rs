@@ -9,7 +9,7 @@
 //! peer's flow-control window, which is how the `write` timeout sees a zero-window stall.
 
 use super::body::BoxError;
-use super::head::check_head;
+use super::head::{check_head_present, Present};
 use super::request_body::{BodyFault, BodyState, RequestBody};
 use super::{HttpService, ServiceBody};
 use crate::conn::{h2c, CloseReason, ConnInfo, ConnShared, PendingH2c, Protocol};
@@ -125,22 +125,28 @@ where
         let conn = &self.conn;
         let protocol = conn.info.protocol();
         let settings = conn.listener.settings.load();
+        let present = Present::scan(req.headers());
         if protocol == Protocol::Http11 {
             log_request_head(conn, &req);
             // hyper closes after answering a request that asked for it (or HTTP/1.0 without
             // keep-alive); the connection must not be released as idle meanwhile.
+            let has_connection = present.has(Present::CONNECTION);
             let asks_close = if req.version() == http::Version::HTTP_10 {
-                !connection_has(req.headers(), "keep-alive")
+                !(has_connection && connection_has(req.headers(), "keep-alive"))
             } else {
-                connection_has(req.headers(), "close")
+                has_connection && connection_has(req.headers(), "close")
             };
             if asks_close {
                 conn.upgrades.no_release();
             }
         }
         // First, so that nothing (not even an h2c upgrade) acts on a head that is not sound.
-        let refusal = check_head(&req, protocol, &settings.limits).err();
-        if refusal.is_none() && protocol == Protocol::Http11 && h2c::requested(req.headers()) {
+        let refusal = check_head_present(&req, protocol, &settings.limits, present).err();
+        if refusal.is_none()
+            && protocol == Protocol::Http11
+            && present.has(Present::UPGRADE)
+            && h2c::requested(req.headers())
+        {
             if let Some(switching) = self.h2c_upgrade(&mut req) {
                 return Box::pin(std::future::ready(Ok(switching)));
             }
@@ -179,12 +185,13 @@ where
                 Some(refusal.label()),
             ))));
         }
-        let declared_too_large = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n > max_body);
+        let declared_too_large = present.has(Present::CONTENT_LENGTH)
+            && parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|n| n > max_body);
         if declared_too_large {
             // Refused before the handler runs; the unread body makes HTTP/1.1 framing unusable.
             let resp = gatehouse_response(StatusCode::PAYLOAD_TOO_LARGE, BODY_TOO_LARGE);

@@ -275,11 +275,20 @@ impl tower_service::Service<Request<RequestBody>> for Router {
     }
 }
 
-/// The route for `host` and `path` (with its index in the table), and the rest of the path after
-/// its prefix.
-fn lookup<'t, 'p>(table: &'t RouteTable, host: &str, path: &'p str) -> Option<(usize, &'t Route, &'p str)> {
+/// The route for the request's host and `path` (with its index in the table), and the rest of
+/// the path after its prefix. The host is read only when a route names one: most tables match any.
+fn lookup<'t, 'p>(
+    table: &'t RouteTable,
+    req: &Request<RequestBody>,
+    path: &'p str,
+) -> Option<(usize, &'t Route, &'p str)> {
+    let mut host = None;
     table.routes.iter().enumerate().find_map(|(i, r)| {
-        if r.host.matches(host) {
+        let matched = match &r.host {
+            HostPattern::Any => true,
+            pattern => pattern.matches(host.get_or_insert_with(|| request_host(req))),
+        };
+        if matched {
             r.strip(path).map(|rest| (i, r, rest))
         } else {
             None
@@ -304,7 +313,7 @@ enum Way {
 fn way(table: &RouteTable, req: &Request<RequestBody>) -> Way {
     let bodiless = http_body::Body::is_end_stream(req.body());
     let path = req.uri().path();
-    let Some((index, route, rest)) = lookup(table, request_host(req), path) else {
+    let Some((index, route, rest)) = lookup(table, req, path) else {
         if bodiless {
             return Way::Now(handlers::text(StatusCode::NOT_FOUND, "not found\n"));
         }
@@ -422,7 +431,7 @@ async fn route(
     resilience: &ArcSwap<ResilienceMetrics>,
     req: Request<RequestBody>,
 ) -> Response<ResponseBody> {
-    let found = lookup(table, request_host(&req), req.uri().path()).map(|(_, r, rest)| (r, rest.to_string()));
+    let found = lookup(table, &req, req.uri().path()).map(|(_, r, rest)| (r, rest.to_string()));
     // Before the handler (and before the body is read): a refused request costs nothing more.
     let admitted = match found.as_ref().and_then(|(r, _)| r.rate_limit) {
         None => None,
