@@ -17,7 +17,7 @@ use super::upstream::{Chosen, HostRewrite, Upstream};
 use super::websocket::{self, Extended};
 use crate::http::body::ResponseBody;
 use crate::http::{AccessLogError, BodyState, RequestBody, RequestContext};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Empty};
 use hyper::upgrade::OnUpgrade;
@@ -366,12 +366,7 @@ impl Attempt<'_> {
         let (mut parts, incoming) = resp.into_parts();
         let fate = Arc::new(OnceLock::new());
         if wire == Wire::Http11 {
-            let keep_alive = if parts.version == Version::HTTP_10 {
-                headers::connection_has(&parts.headers, "keep-alive")
-            } else {
-                !headers::connection_has(&parts.headers, "close")
-            };
-            lease.release_h1(!keep_alive, fate.clone());
+            lease.release_h1(!headers::upstream_keeps_alive(&parts), fate.clone());
         }
         headers::to_client(&mut parts, false);
         watch.disarm();

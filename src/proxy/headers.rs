@@ -292,6 +292,19 @@ pub fn to_upstream(
     Ok(())
 }
 
+/// Whether an upstream's HTTP/1.x response leaves its connection usable for another request
+/// (RFC 9112 §9.3): HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with `keep-alive`.
+/// A response rarely has `Connection`, so its presence is found by a pass over the few field
+/// names rather than by a lookup that hashes.
+pub fn upstream_keeps_alive(parts: &http::response::Parts) -> bool {
+    let has_connection = parts.headers.keys().any(|k| k == header::CONNECTION);
+    if parts.version == Version::HTTP_10 {
+        has_connection && connection_has(&parts.headers, "keep-alive")
+    } else {
+        !(has_connection && connection_has(&parts.headers, "close"))
+    }
+}
+
 /// Rewrites an upstream response's head for the client: hop-by-hop fields out (a `101` keeps
 /// `Connection: upgrade` and `Upgrade`, which the client needs to switch), `Via` appended.
 pub fn to_client(parts: &mut http::response::Parts, switching: bool) {
@@ -329,6 +342,27 @@ fn restore_trace_context(headers: &mut HeaderMap, trace: [Option<HeaderValue>; 2
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_keep_alive_follows_version_and_connection() {
+        let resp = |version: Version, connection: Option<&'static str>| {
+            let mut b = http::Response::builder()
+                .version(version)
+                .header(header::CONTENT_LENGTH, "0");
+            if let Some(c) = connection {
+                b = b.header(header::CONNECTION, c);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        assert!(upstream_keeps_alive(&resp(Version::HTTP_11, None)));
+        assert!(upstream_keeps_alive(&resp(Version::HTTP_11, Some("keep-alive"))));
+        assert!(!upstream_keeps_alive(&resp(
+            Version::HTTP_11,
+            Some("Keep-Alive, Close")
+        )));
+        assert!(!upstream_keeps_alive(&resp(Version::HTTP_10, None)));
+        assert!(upstream_keeps_alive(&resp(Version::HTTP_10, Some("keep-alive"))));
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_fields_go() {

@@ -11,10 +11,15 @@ use hyper_util::rt::TokioIo;
 /// The client's `Upgrade` value when it asks to switch protocols (HTTP/1.1 only; `h2c` is the
 /// listener's business and never reaches a route).
 pub fn requested(req: &Request<RequestBody>) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11 || !connection_has(req.headers(), "upgrade") {
+    if req.version() != Version::HTTP_11 {
         return None;
     }
+    // `Upgrade` first: nearly every request lacks it, and it is one lookup where `Connection`
+    // (usually present, as `keep-alive`) would be a lookup and a token scan.
     let up = req.headers().get(header::UPGRADE)?;
+    if !connection_has(req.headers(), "upgrade") {
+        return None;
+    }
     (!up.as_bytes().eq_ignore_ascii_case(b"h2c")).then(|| up.clone())
 }
 
