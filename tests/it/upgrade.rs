@@ -331,7 +331,12 @@ fn a_new_process_that_fails_leaves_the_old_one_serving_and_says_why() {
         0.0,
         "{metrics}"
     );
-    assert!(g.log().contains("binary upgrade failed; still serving"), "{}", g.log());
+    // The log line is written after the counter, and reaches the test through a pipe.
+    assert!(
+        g.wait_log("binary upgrade failed; still serving", Duration::from_secs(5)),
+        "{}",
+        g.log()
+    );
 }
 
 #[test]
