@@ -277,11 +277,7 @@ impl tower_service::Service<Request<RequestBody>> for Router {
 
 /// The route for the request's host and `path` (with its index in the table), and the rest of
 /// the path after its prefix. The host is read only when a route names one: most tables match any.
-fn lookup<'t, 'p>(
-    table: &'t RouteTable,
-    req: &Request<RequestBody>,
-    path: &'p str,
-) -> Option<(usize, &'t Route, &'p str)> {
+fn lookup<'t, 'p, B>(table: &'t RouteTable, req: &Request<B>, path: &'p str) -> Option<(usize, &'t Route, &'p str)> {
     let mut host = None;
     table.routes.iter().enumerate().find_map(|(i, r)| {
         let matched = match &r.host {
@@ -404,7 +400,7 @@ fn answer_from_head(route: &Route, rest: &str, req: &Request<RequestBody>) -> Op
     })
 }
 
-fn request_host(req: &Request<RequestBody>) -> &str {
+fn request_host<B>(req: &Request<B>) -> &str {
     let raw = req
         .uri()
         .host()
@@ -554,6 +550,42 @@ mod tests {
         assert!(w.matches("a.b.example.com"));
         assert!(!w.matches("example.com"));
         assert!(!w.matches("badexample.com"));
+    }
+
+    #[test]
+    fn routes_naming_a_host_match_it_and_any_host_routes_match_the_rest() {
+        let route = |host: &str, prefix: &str| Route {
+            host: HostPattern::parse(host),
+            prefix: prefix.into(),
+            handler: Handler::ConnectionInfo,
+            rate_limit: None,
+        };
+        let table = RouteTable {
+            // An any-host route first: the host is not read for it, but still for the next ones.
+            routes: vec![
+                route("*", "/any"),
+                route("a.example", ""),
+                route("*.b.example", ""),
+                route("*", ""),
+            ],
+            upstreams: Vec::new(),
+            admission: Admission::build(&Config::default()),
+        };
+        let index = |uri: &str, host: Option<&str>| {
+            let mut b = Request::builder().uri(uri);
+            if let Some(h) = host {
+                b = b.header(header::HOST, h);
+            }
+            let req = b.body(()).unwrap();
+            lookup(&table, &req, req.uri().path()).map(|(i, _, _)| i)
+        };
+        assert_eq!(index("/any/x", Some("a.example")), Some(0));
+        assert_eq!(index("/x", Some("A.Example:8080")), Some(1));
+        assert_eq!(index("/x", Some("c.b.example")), Some(2));
+        assert_eq!(index("/x", Some("c.example")), Some(3));
+        assert_eq!(index("/x", None), Some(3));
+        // The target's authority is the host when there is one.
+        assert_eq!(index("http://a.example/x", Some("a.example")), Some(1));
     }
 
     #[test]
