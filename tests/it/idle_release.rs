@@ -16,6 +16,8 @@ use tokio::net::TcpStream;
 const LISTENER: &str = "[[listeners]]\nname = \"c\"\naddress = \"127.0.0.1:0\"\nprotocols = [\"http/1.1\", \"h2c\"]\n";
 const RESPOND: &str = "[[routes]]\nrespond = { status = 200, body = \"ok\\n\" }\n";
 const RELEASED: &str = "released its HTTP/1.1 buffers";
+/// The `conn` switch's line for a request starting on an idle connection.
+const STARTED: &str = " idle -> busy ";
 
 /// Reads one response with a `content-length` (or none, for a 101): its head and body.
 async fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
@@ -56,9 +58,15 @@ fn releases(g: &Gatehouse) -> usize {
 
 /// Waits (bounded) until the log holds `n` release events.
 fn wait_releases(g: &Gatehouse, n: usize) -> bool {
+    wait_count(g, RELEASED, n)
+}
+
+/// Waits (bounded) until the log holds `needle` `n` times. Log lines reach the test through a
+/// pipe read by another thread, so there is no event to await.
+fn wait_count(g: &Gatehouse, needle: &str, n: usize) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        if releases(g) >= n {
+        if g.log().matches(needle).count() >= n {
             return true;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -330,8 +338,8 @@ async fn a_busy_connection_keeps_its_state_until_it_has_idled_for_a_second() {
     // Back to back: a release followed at once (within 10 ms) by the next request marks the
     // connection busy, and from then on it keeps its state between requests. A loaded machine can
     // make the client miss that window a few times (each miss is one more release), so requests
-    // go until the releases stop: 20 in a row without one, within 200. A connection that never
-    // became busy would release after every one of them. The quiet time counts from the last
+    // go until the releases stop: 20 idle spells in a row without one, within 200. A connection
+    // that never became busy releases in every spell. The quiet time counts from the last
     // request's sending, not its answer's arrival: the server's clock may start before the client
     // sees the response.
     let mut quiet_since = Instant::now();
@@ -342,6 +350,11 @@ async fn a_busy_connection_keeps_its_state_until_it_has_idled_for_a_second() {
         let (head, body) = read_response(&mut s).await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         assert_eq!(body, b"ok\n");
+        // The log reaches the test late, and a count read too early would take releases still in
+        // the pipe for none. Request i's start is logged after the release of the idle spell
+        // before it (if any), so once the log holds i + 1 starts, the count covers every spell
+        // before request i.
+        assert!(wait_count(&g, STARTED, i + 1), "request {i} not logged:\n{}", g.log());
         let now = releases(&g);
         if now == seen {
             steady += 1;
