@@ -9,7 +9,7 @@
 
 use crate::config::Limits;
 use crate::conn::Protocol;
-use http::{header, HeaderMap, Method, Request, StatusCode, Uri, Version};
+use http::{header, HeaderMap, HeaderName, Method, Request, StatusCode, Uri, Version};
 
 /// Why a request was refused before any handler saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,15 +89,31 @@ impl Refusal {
     }
 }
 
-/// Which of the fields the pipeline reads are present, from one pass over the field names.
-///
-/// Each lookup by name hashes the name and probes the map (about ninety instructions); a request
-/// usually carries none of these but Host, so one pass over its few names comparing well-known
-/// names (an integer compare each) saves the lookups that would find nothing.
+/// Which of `names` `headers` carries, bit `i` for `names[i]`, found in one pass over its field
+/// names. A lookup by name hashes the name and probes the map (about ninety instructions), and
+/// most heads carry few of the fields a caller asks about; comparing a field name with a
+/// well-known one is an integer compare.
+pub fn fields_present(headers: &HeaderMap, names: &[HeaderName]) -> u8 {
+    debug_assert!(names.len() <= 8);
+    headers.keys().fold(0, |present, k| {
+        names.iter().position(|n| n == k).map_or(present, |i| present | 1 << i)
+    })
+}
+
+/// Which of the fields the pipeline reads are present (see [`fields_present`]): a request
+/// usually carries none of them but Host, and those absent are never looked up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Present(u8);
 
 impl Present {
+    /// In the order of their bits.
+    const NAMES: [HeaderName; 5] = [
+        header::HOST,
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::CONTENT_LENGTH,
+    ];
     pub const HOST: u8 = 1;
     pub const CONNECTION: u8 = 1 << 1;
     pub const TRANSFER_ENCODING: u8 = 1 << 2;
@@ -105,23 +121,7 @@ impl Present {
     pub const CONTENT_LENGTH: u8 = 1 << 4;
 
     pub fn scan(headers: &HeaderMap) -> Present {
-        let mut bits = 0;
-        for name in headers.keys() {
-            bits |= if name == header::HOST {
-                Self::HOST
-            } else if name == header::CONNECTION {
-                Self::CONNECTION
-            } else if name == header::TRANSFER_ENCODING {
-                Self::TRANSFER_ENCODING
-            } else if name == header::UPGRADE {
-                Self::UPGRADE
-            } else if name == header::CONTENT_LENGTH {
-                Self::CONTENT_LENGTH
-            } else {
-                0
-            };
-        }
-        Present(bits)
+        Present(fields_present(headers, &Self::NAMES))
     }
 
     pub fn has(self, field: u8) -> bool {

@@ -6,7 +6,7 @@ mod head;
 mod pipeline;
 mod request_body;
 
-pub use head::{check_head, Refusal};
+pub use head::{check_head, fields_present, Refusal};
 pub use pipeline::{strip_port, AccessLogError, Instrumented, Pipeline, RequestContext};
 pub use request_body::{BodyFault, BodyLimitExceeded, BodyReadTimeout, BodyState, RequestBody};
 
