@@ -883,6 +883,8 @@ def main():
     parser = argparse.ArgumentParser(description="gatehouse benchmark harness (run bench/run)")
     parser.add_argument("--gatehouse", required=True, help="path of the gatehouse binary")
     parser.add_argument("--repo", required=True, help="repository root (results go to bench/results)")
+    parser.add_argument("--build", default="release", help="how the gatehouse binary was built, for the header")
+    parser.add_argument("--results", help="directory for the results file (default: <repo>/bench/results)")
     args = parser.parse_args()
 
     duration = env_int("BENCH_DURATION", 5, 1)
@@ -947,7 +949,7 @@ def main():
         "",
         f"- machine: {cpus} CPUs, {model}; server on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}",
         f"- load average at start {load_before}, at end {loadavg()} (other work on the machine skews absolute figures; compare ratios)",
-        f"- gatehouse {commit}{' (uncommitted changes)' if dirty else ''}, {version(['nginx', '-v'])}, "
+        f"- gatehouse {commit}{' (uncommitted changes)' if dirty else ''} ({args.build} build), {version(['nginx', '-v'])}, "
         f"{version(['h2o', '--version'])}, {version(['wrk', '-v'])}, {version(['h2load', '--version'])}, "
         f"{version(['openssl', 'version'])}",
         f"- {duration} s per measurement after {warmup} s of warm-up; TLS clients offer only "
@@ -955,7 +957,7 @@ def main():
     ])
     text = report(bench, scenarios, header)
     print(text)
-    results_dir = os.path.join(args.repo, "bench", "results")
+    results_dir = args.results or os.path.join(args.repo, "bench", "results")
     os.makedirs(results_dir, exist_ok=True)
     path = os.path.join(results_dir, f"{started:%Y%m%d-%H%M%S}.md")
     write(path, text + "\n")
