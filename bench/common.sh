@@ -51,3 +51,13 @@ bench_target_dir() {
         *) echo "$1/$dir" ;;
     esac
 }
+
+# Builds bench/hyper-baseline (hyper alone, the floor) with gatehouse's Cargo.lock, so that hyper,
+# h2, tokio and the allocator are the versions gatehouse runs; prints the binary's path.
+bench_build_hyper_baseline() {
+    local here
+    here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    cp "$here/../Cargo.lock" "$here/hyper-baseline/Cargo.lock"
+    (cd "$here/hyper-baseline" && CARGO_TARGET_DIR="$here/hyper-baseline/target" cargo build --release --quiet)
+    echo "$here/hyper-baseline/target/release/hyper-baseline"
+}

@@ -10,7 +10,9 @@ Environment:
   BENCH_DURATION   seconds of load per measurement (integer, default 5)
   BENCH_WARMUP     seconds of the same load before each measurement (integer, default 1; 0 = none)
   BENCH_SCENARIOS  comma-separated scenario names (default: all; see SCENARIOS below)
-  BENCH_SERVERS    comma-separated servers (default: gatehouse,nginx,h2o)
+  BENCH_SERVERS    comma-separated servers (default: gatehouse,nginx,h2o,hyper; hyper, the
+                   floor, is hyper alone from bench/hyper-baseline and runs only the fixed-answer
+                   scenarios)
   BENCH_IDLE_CONNS connections held by the idle-memory scenarios (default 5000)
   BENCH_RATE       requests/s for fixed-rate (default: half of nginx's h1 rate in this run)
 """
@@ -31,7 +33,9 @@ import time
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SERVERS = ["gatehouse", "nginx", "h2o"]
+SERVERS = ["gatehouse", "nginx", "h2o", "hyper"]
+# The servers a scenario runs on unless it names its own: hyper alone has no files, TLS or proxy.
+FULL_SERVERS = ["gatehouse", "nginx", "h2o"]
 SMALL_BODY = b"hello, world\n"
 LARGE_SIZE = 1 << 20
 
@@ -42,6 +46,7 @@ PORTS = {
     "gatehouse": {"h1": 18080, "h2c": 18080, "tls": 18443},
     "nginx": {"h1": 18180, "h2c": 18181, "tls": 18543},
     "h2o": {"h1": 18280, "h2c": 18280, "tls": 18643},
+    "hyper": {"h1": 18480, "h2c": 18481},
 }
 UPSTREAM_PORT = 18380
 
@@ -185,8 +190,9 @@ class Server:
 class Env:
     """Files shared by all servers: certificate, document root, configurations, logs."""
 
-    def __init__(self, gatehouse, repo):
+    def __init__(self, gatehouse, repo, hyper=None):
         self.gatehouse = gatehouse
+        self.hyper = hyper
         self.repo = repo
         self.dir = tempfile.mkdtemp(prefix="gatehouse-bench-")
         # nginx's worker and h2o may drop privileges; let them traverse to the files.
@@ -226,6 +232,12 @@ class Env:
             conf = os.path.join(run_dir, "h2o.yaml")
             write(conf, h2o_conf(self, run_dir, variant))
             argv = ["h2o", "-c", conf]
+        elif name == "hyper":
+            if not self.hyper:
+                raise ScenarioFailed("bench/hyper-baseline was not built (bench/run builds it)")
+            # Every path answers the fixed body; one listener per protocol.
+            ports = PORTS["hyper"]
+            argv = [self.hyper, str(ports["h1"]), "h1", str(ports["h2c"]), "h2c"]
         else:
             raise ValueError(name)
         return Server(name, argv, PORTS[name].values(), log)
@@ -683,8 +695,8 @@ def scenario_list():
     return [
         ("h1", "HTTP/1.1 keep-alive, 13-byte static file, 64 connections (wrk)", "load", None,
          on("base", lambda n: wrk(url(n, "h1", "/small.txt"), 64))),
-        ("h1-fixed", "HTTP/1.1 keep-alive, 13-byte fixed answer from memory (gatehouse `respond`, nginx `return`), 64 connections (wrk)",
-         "load", ["gatehouse", "nginx"], on("base", lambda n: wrk(url(n, "h1", "/fixed"), 64))),
+        ("h1-fixed", "HTTP/1.1 keep-alive, 13-byte fixed answer from memory (gatehouse `respond`, nginx `return`, hyper alone), 64 connections (wrk)",
+         "load", ["gatehouse", "nginx", "hyper"], on("base", lambda n: wrk(url(n, "h1", "/fixed"), 64))),
         ("h1-log", "as h1, access log on (written to a file)", "load", None,
          on("log", lambda n: wrk(url(n, "h1", "/small.txt"), 64))),
         ("h2tls", "HTTP/2 over TLS 1.3, 13-byte static file, 32 connections x 10 streams (h2load)", "load", None,
@@ -693,6 +705,8 @@ def scenario_list():
          ["gatehouse", "nginx"], on("base", lambda n: h2load(url(n, "tls", "/fixed"), 32, 10))),
         ("h2c", "HTTP/2 cleartext (prior knowledge), 13-byte static file, 32 connections x 10 streams (h2load)",
          "load", None, on("base", lambda n: h2load(url(n, "h2c", "/small.txt"), 32, 10))),
+        ("h2c-fixed", "as h2c, with the in-memory fixed answer (gatehouse `respond`, nginx `return`, hyper alone)",
+         "load", ["gatehouse", "nginx", "hyper"], on("base", lambda n: h2load(url(n, "h2c", "/fixed"), 32, 10))),
         ("tls-full", "new TLS 1.3 connection per request, full handshake, ECDSA P-256 (openssl s_time -new)",
          "load", None, handshake(False)),
         ("tls-resumed", "new TLS 1.3 connection per request, resumed (openssl s_time -reuse)", "load", None,
@@ -747,6 +761,16 @@ def version(argv):
         return "?"
 
 
+def locked_version(repo, crate):
+    """The version of `crate` in gatehouse's Cargo.lock (which bench/hyper-baseline builds with)."""
+    try:
+        with open(os.path.join(repo, "Cargo.lock")) as f:
+            m = re.search(r'\[\[package\]\]\nname = "' + re.escape(crate) + r'"\nversion = "([^"]+)"', f.read())
+    except OSError:
+        return "?"
+    return m.group(1) if m else "?"
+
+
 def loadavg():
     try:
         with open("/proc/loadavg") as f:
@@ -769,7 +793,7 @@ def report(bench, scenarios, header):
         if kind != "load":
             continue
         for server in bench.servers:
-            if only and server not in only:
+            if server not in (only or FULL_SERVERS):
                 continue
             r = bench.results.get((name, server))
             if r is None:
@@ -792,8 +816,10 @@ def report(bench, scenarios, header):
 
     out.append("## Ratios (gatehouse ÷ other, same run; CPU below 1.00 means gatehouse spends less)")
     out.append("")
-    out.append("| scenario | CPU/req vs nginx | CPU/req vs h2o | req/s vs nginx | req/s vs h2o |")
-    out.append("|---|---:|---:|---:|---:|")
+    out.append("hyper is hyper alone (bench/hyper-baseline): the floor under gatehouse, not a server to pick.")
+    out.append("")
+    out.append("| scenario | CPU/req vs nginx | CPU/req vs h2o | CPU/req vs hyper | req/s vs nginx | req/s vs h2o |")
+    out.append("|---|---:|---:|---:|---:|---:|")
     for name, title, kind, only, _ in scenarios:
         if kind != "load":
             continue
@@ -801,11 +827,13 @@ def report(bench, scenarios, header):
         if not g:
             continue
         if "failed" in g:
-            out.append(f"| {name} | failed: {g['failed']} | | | |")
+            out.append(f"| {name} | failed: {g['failed']} | | | | |")
             continue
         n = bench.results.get((name, "nginx"), {})
         h = bench.results.get((name, "h2o"), {})
+        y = bench.results.get((name, "hyper"), {})
         out.append(f"| {name} | {ratio(g.get('cpu_us'), n.get('cpu_us'))} | {ratio(g.get('cpu_us'), h.get('cpu_us'))} | "
+                   f"{ratio(g.get('cpu_us'), y.get('cpu_us'))} | "
                    f"{ratio(g.get('rps'), n.get('rps'))} | {ratio(g.get('rps'), h.get('rps'))} |")
     out.append("")
 
@@ -885,6 +913,7 @@ def main():
     parser.add_argument("--repo", required=True, help="repository root (results go to bench/results)")
     parser.add_argument("--build", default="release", help="how the gatehouse binary was built, for the header")
     parser.add_argument("--results", help="directory for the results file (default: <repo>/bench/results)")
+    parser.add_argument("--hyper", help="path of bench/hyper-baseline's binary (the `hyper` server)")
     args = parser.parse_args()
 
     duration = env_int("BENCH_DURATION", 5, 1)
@@ -918,12 +947,12 @@ def main():
     dirty = subprocess.run(["git", "-C", args.repo, "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
 
-    env = Env(args.gatehouse, args.repo)
+    env = Env(args.gatehouse, args.repo, args.hyper)
     bench = Bench(env, duration, warmup, servers, idle_conns, rate)
     try:
         for name, title, kind, only, run in scenarios:
             for server in servers:
-                if only and server not in only:
+                if server not in (only or FULL_SERVERS):
                     continue
                 print(f"bench: {name} / {server} ...", file=sys.stderr, flush=True)
                 try:
@@ -951,7 +980,8 @@ def main():
         f"- load average at start {load_before}, at end {loadavg()} (other work on the machine skews absolute figures; compare ratios)",
         f"- gatehouse {commit}{' (uncommitted changes)' if dirty else ''} ({args.build} build), {version(['nginx', '-v'])}, "
         f"{version(['h2o', '--version'])}, {version(['wrk', '-v'])}, {version(['h2load', '--version'])}, "
-        f"{version(['openssl', 'version'])}",
+        f"{version(['openssl', 'version'])}, hyper alone: bench/hyper-baseline with hyper {locked_version(args.repo, 'hyper')} "
+        f"and h2 {locked_version(args.repo, 'h2')}",
         f"- {duration} s per measurement after {warmup} s of warm-up; TLS clients offer only "
         f"{TLS13_SUITE} and {TLS_GROUP}",
     ])
