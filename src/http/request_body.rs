@@ -2,6 +2,7 @@
 //! timeout enforced, its bytes counted, and what went wrong with it recorded for the pipeline.
 
 use super::body::BoxError;
+use super::RequestContext;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -89,6 +90,7 @@ pub struct RequestBody {
     timer: Option<Pin<Box<Sleep>>>,
     /// The last poll of `inner` returned `Pending`: the timer runs for the current gap.
     waiting: bool,
+    context: Option<RequestContext>,
 }
 
 impl RequestBody {
@@ -101,7 +103,22 @@ impl RequestBody {
             read_timeout,
             timer: None,
             waiting: false,
+            context: None,
         }
+    }
+
+    /// Attaches the request's context (the pipeline does, for every request it hands on).
+    pub(crate) fn with_context(mut self, context: RequestContext) -> Self {
+        self.context = Some(context);
+        self
+    }
+
+    /// The request's [`RequestContext`], for a handler that holds the body: the same facts as
+    /// in the request's extensions, read without a lookup. gatehouse's own
+    /// [`Router`](crate::route::Router) reads it here, which lets the pipeline leave the
+    /// extension out when it serves that router bare (see `Pipeline::respond`).
+    pub fn context(&self) -> Option<&RequestContext> {
+        self.context.as_ref()
     }
 
     /// What the pipeline learns from this body (its faults), for a handler that hands the body

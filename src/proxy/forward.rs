@@ -54,7 +54,7 @@ pub async fn forward(upstream: Arc<Upstream>, mut req: Request<RequestBody>) -> 
             return answer::unavailable(&upstream, why, req.method(), stale.as_ref());
         }
     };
-    let ctx = req.extensions().get::<RequestContext>().cloned();
+    let ctx = req.body().context().cloned();
     let body_state = req.body().state();
     let upgrade = if websocket {
         Some(HeaderValue::from_static("websocket"))

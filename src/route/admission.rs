@@ -12,7 +12,7 @@
 
 use crate::config::Config;
 use crate::http::body::ResponseBody;
-use crate::http::{AccessLogError, RequestContext};
+use crate::http::AccessLogError;
 use crate::observe::Name;
 use crate::proxy::resilience::classes::{ClassSpec, InFlight, Shed, TrafficClasses};
 use crate::proxy::resilience::metrics::ResilienceMetrics;
@@ -21,7 +21,7 @@ use crate::proxy::Upstream;
 use arc_swap::ArcSwap;
 use http::{HeaderMap, Request, Response};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Once};
 
 /// One `[[rate_limits]]` entry as running.
@@ -132,12 +132,14 @@ impl Admission {
         }
     }
 
-    /// Applies rate limit `index` to `req`: `Ok` with the fields for the response, or the 429
-    /// answer (counted and named in the access log).
+    /// Applies rate limit `index` to `req` from `client` (the peer's address; behind the
+    /// pipeline every request has one, a bare service shares one key): `Ok` with the fields for
+    /// the response, or the 429 answer (counted and named in the access log).
     pub fn check_rate<B>(
         &self,
         index: usize,
         req: &Request<B>,
+        client: IpAddr,
         metrics: &ArcSwap<ResilienceMetrics>,
     ) -> Result<Option<RateAdmitted>, Box<Response<ResponseBody>>> {
         let Some(entry) = self.limits.get(index) else {
@@ -148,11 +150,6 @@ impl Admission {
                 entry.limit.spawn_housekeeping(HOUSEKEEPING_INTERVAL);
             });
         }
-        // Behind the pipeline every request has its context; a bare service shares one key.
-        let client = req
-            .extensions()
-            .get::<RequestContext>()
-            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.conn.peer.ip());
         match entry.limit.check(client, req.headers()) {
             decision @ RateDecision::Allowed { .. } => Ok(Some(RateAdmitted {
                 limit: Arc::clone(entry),
@@ -219,6 +216,8 @@ mod tests {
         Admission::build(&load_str(toml).unwrap())
     }
 
+    const ANY: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+
     fn get() -> Request<()> {
         Request::new(())
     }
@@ -235,16 +234,16 @@ mod tests {
         let m = ArcSwap::from_pointee(ResilienceMetrics::default());
         let a = admission(limit);
         for _ in 0..3 {
-            assert!(a.check_rate(0, &get(), &m).is_ok());
+            assert!(a.check_rate(0, &get(), ANY, &m).is_ok());
         }
-        let refused = a.check_rate(0, &get(), &m).unwrap_err();
+        let refused = a.check_rate(0, &get(), ANY, &m).unwrap_err();
         assert_eq!(refused.status(), 429);
         // An unchanged definition keeps its state across a reload; a changed one starts afresh.
         let mut same = admission(limit);
         same.continue_from(&a);
-        assert!(same.check_rate(0, &get(), &m).is_err());
+        assert!(same.check_rate(0, &get(), ANY, &m).is_err());
         let mut changed = admission(&limit.replace("3/h", "4/h"));
         changed.continue_from(&a);
-        assert!(changed.check_rate(0, &get(), &m).is_ok());
+        assert!(changed.check_rate(0, &get(), ANY, &m).is_ok());
     }
 }

@@ -7,7 +7,7 @@ pub use admission::Admission;
 use crate::config::{Builtin, Config, Findings, RouteConfig, StaticCacheConfig};
 use crate::handlers::{self, StaticFiles};
 use crate::http::body::ResponseBody;
-use crate::http::{RequestBody, RequestContext};
+use crate::http::RequestBody;
 use crate::proxy::resilience::classes::InFlight;
 use crate::proxy::resilience::metrics::ResilienceMetrics;
 use crate::proxy::{Gateway, UpstreamSpec};
@@ -352,11 +352,18 @@ async fn serve_file(
 async fn serve_from(files: &StaticFiles, rest: &str, req: &Request<RequestBody>) -> Response<ResponseBody> {
     let mut resp = files.serve(req.method(), rest, req.headers()).await;
     if let ResponseBody::File(body) = resp.body_mut() {
-        if let Some(ctx) = req.extensions().get::<RequestContext>() {
+        if let Some(ctx) = req.body().context() {
             body.sendfile_via(&ctx.conn);
         }
     }
     resp
+}
+
+/// The client's address; a request that did not come through the pipeline shares one.
+fn client_ip(req: &Request<RequestBody>) -> std::net::IpAddr {
+    req.body()
+        .context()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.conn.peer.ip())
 }
 
 /// Fixed answers, redirects and the connection info: built from the request head alone.
@@ -395,7 +402,7 @@ fn answer_from_head(route: &Route, rest: &str, req: &Request<RequestBody>) -> Op
             r.headers_mut().insert(header::CONTENT_TYPE, content_type.clone());
             r
         }
-        Handler::ConnectionInfo => handlers::connection_info(req.extensions().get::<RequestContext>(), req.headers()),
+        Handler::ConnectionInfo => handlers::connection_info(req.body().context(), req.headers()),
         Handler::Static(_) | Handler::Proxy { .. } => return None,
     })
 }
@@ -431,7 +438,7 @@ async fn route(
     // Before the handler (and before the body is read): a refused request costs nothing more.
     let admitted = match found.as_ref().and_then(|(r, _)| r.rate_limit) {
         None => None,
-        Some(limit) => match table.admission.check_rate(limit, &req, resilience) {
+        Some(limit) => match table.admission.check_rate(limit, &req, client_ip(&req), resilience) {
             Ok(admitted) => admitted,
             Err(limited) => return *limited,
         },
