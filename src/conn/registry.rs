@@ -228,10 +228,10 @@ impl ConnInfo {
         }
         self.requests.fetch_add(1, Relaxed) + 1
     }
-    /// A request's response finished (or was abandoned).
-    pub fn request_finished(&self) {
+    /// A request's response finished (or was abandoned) at `now`.
+    pub fn request_finished(&self, now: Instant) {
         if self.in_flight.fetch_sub(1, Relaxed) == 1 {
-            self.idle_since.store(self.nanos_since_open(Instant::now()), Relaxed);
+            self.idle_since.store(self.nanos_since_open(now), Relaxed);
             self.set_state_unless_closing(ConnState::Idle);
         }
     }

@@ -9,7 +9,7 @@
 
 use crate::config::Limits;
 use crate::conn::Protocol;
-use http::{header, HeaderMap, HeaderName, Method, Request, StatusCode, Uri, Version};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
 
 /// Why a request was refused before any handler saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,12 +100,17 @@ pub fn fields_present(headers: &HeaderMap, names: &[HeaderName]) -> u8 {
     })
 }
 
-/// Which of the fields the pipeline reads are present (see [`fields_present`]): a request
-/// usually carries none of them but Host, and those absent are never looked up.
+/// Which of the fields the pipeline reads are present, and the Host value, found in one pass
+/// over the field lines: a request usually carries none of them but Host, those absent are never
+/// looked up, and Host (always there) is not looked up a second time by hashing its name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Present(u8);
+pub struct Present<'a> {
+    bits: u8,
+    /// The first Host line; with [`Present::SEVERAL_HOSTS`] set when there is more than one.
+    host: Option<&'a HeaderValue>,
+}
 
-impl Present {
+impl<'a> Present<'a> {
     /// In the order of their bits.
     const NAMES: [HeaderName; 5] = [
         header::HOST,
@@ -119,13 +124,39 @@ impl Present {
     pub const TRANSFER_ENCODING: u8 = 1 << 2;
     pub const UPGRADE: u8 = 1 << 3;
     pub const CONTENT_LENGTH: u8 = 1 << 4;
+    /// More than one Host line (RFC 9112 §3.2 makes that a 400).
+    const SEVERAL_HOSTS: u8 = 1 << 7;
 
-    pub fn scan(headers: &HeaderMap) -> Present {
-        Present(fields_present(headers, &Self::NAMES))
+    pub fn scan(headers: &'a HeaderMap) -> Present<'a> {
+        let mut p = Present { bits: 0, host: None };
+        // `iter` yields every line, a repeated name once per line, so a second Host shows here.
+        for (name, value) in headers {
+            let Some(i) = Self::NAMES.iter().position(|n| n == name) else {
+                continue;
+            };
+            let bit = 1 << i;
+            if bit == Self::HOST {
+                if p.host.is_some() {
+                    p.bits |= Self::SEVERAL_HOSTS;
+                } else {
+                    p.host = Some(value);
+                }
+            }
+            p.bits |= bit;
+        }
+        p
     }
 
     pub fn has(self, field: u8) -> bool {
-        self.0 & field != 0
+        self.bits & field != 0
+    }
+
+    /// The one Host value, `None` when absent; several field lines are an error.
+    fn single_host(self) -> Result<Option<&'a [u8]>, Refusal> {
+        if self.has(Self::SEVERAL_HOSTS) {
+            return Err(Refusal::SeveralHosts);
+        }
+        Ok(self.host.map(HeaderValue::as_bytes))
     }
 }
 
@@ -139,18 +170,14 @@ pub fn check_head_present<B>(
     req: &Request<B>,
     protocol: Protocol,
     limits: &Limits,
-    present: Present,
+    present: Present<'_>,
 ) -> Result<(), Refusal> {
     let uri = req.uri();
     let h2 = protocol.is_h2();
     if target_len(uri, h2) as u64 > limits.max_uri_bytes.get() {
         return Err(Refusal::UriTooLong);
     }
-    let host = if present.has(Present::HOST) {
-        single_host(req.headers())?
-    } else {
-        None
-    };
+    let host = present.single_host()?;
     if let Some(host) = host {
         if !valid_host(host) {
             // `user@host` fails the grammar too; name it, since it is a deliberate rule.
@@ -204,16 +231,6 @@ fn target_len(uri: &Uri, h2: bool) -> usize {
     let scheme = uri.scheme_str().map_or(0, |s| s.len() + "://".len());
     let authority = uri.authority().map_or(0, |a| a.as_str().len());
     scheme + authority + pq
-}
-
-/// The one Host value, `None` when absent; several field lines are an error (RFC 9112 §3.2).
-fn single_host(headers: &HeaderMap) -> Result<Option<&[u8]>, Refusal> {
-    let mut values = headers.get_all(header::HOST).iter();
-    let first = values.next();
-    if values.next().is_some() {
-        return Err(Refusal::SeveralHosts);
-    }
-    Ok(first.map(|v| v.as_bytes()))
 }
 
 /// RFC 9112 §3.2.3/§3.2.4: authority-form is only for CONNECT, asterisk-form only for OPTIONS.
@@ -378,7 +395,7 @@ mod tests {
     #[test]
     fn present_names_the_fields_found() {
         let mut h = HeaderMap::new();
-        assert_eq!(Present::scan(&h), Present(0));
+        assert_eq!(Present::scan(&h), Present { bits: 0, host: None });
         h.insert(header::HOST, "a".parse().unwrap());
         h.insert(header::ACCEPT, "*/*".parse().unwrap());
         h.append(header::CONNECTION, "close".parse().unwrap());
@@ -392,6 +409,9 @@ mod tests {
         h.insert(header::CONTENT_LENGTH, "1".parse().unwrap());
         let p = Present::scan(&h);
         assert!(p.has(Present::UPGRADE) && p.has(Present::TRANSFER_ENCODING) && p.has(Present::CONTENT_LENGTH));
+        assert_eq!(p.single_host(), Ok(Some(&b"a"[..])));
+        h.append(header::HOST, "b".parse().unwrap());
+        assert_eq!(Present::scan(&h).single_host(), Err(Refusal::SeveralHosts));
     }
 
     fn check(

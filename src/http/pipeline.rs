@@ -144,6 +144,8 @@ where
         }
         // First, so that nothing (not even an h2c upgrade) acts on a head that is not sound.
         let refusal = check_head_present(&req, protocol, &settings.limits, present).err();
+        // Read now: `present` borrows the head, which the h2c upgrade below may change.
+        let has_content_length = present.has(Present::CONTENT_LENGTH);
         if refusal.is_none()
             && protocol == Protocol::Http11
             && present.has(Present::UPGRADE)
@@ -187,7 +189,7 @@ where
                 Some(refusal.label()),
             ))));
         }
-        let declared_too_large = present.has(Present::CONTENT_LENGTH)
+        let declared_too_large = has_content_length
             && parts
                 .headers
                 .get(header::CONTENT_LENGTH)
@@ -229,7 +231,11 @@ where
         };
         match start_handler(self.svc.clone(), req) {
             Ok(handled) => Box::pin(Answer {
-                handled: tokio::time::timeout(request_timeout, AssertUnwindSafe(handled).catch_unwind()),
+                // From `started`: one clock read fewer than `timeout`, which reads it again.
+                handled: tokio::time::timeout_at(
+                    tokio::time::Instant::from_std(started) + request_timeout,
+                    AssertUnwindSafe(handled).catch_unwind(),
+                ),
                 pending: Some(pending),
             }),
             Err(panic) => Box::pin(std::future::ready(Ok(pending.conclude(Ok(Err(panic)))))),
@@ -565,6 +571,10 @@ struct Record {
     started: Instant,
     protocol: Protocol,
     method: Method,
+    /// Whether the access log was on when the request began: only then is it written, and the
+    /// log's setting is not loaded again at the end (a reload that turns the log on mid-request
+    /// starts with the next request, which is also the first whose host and path it has).
+    logged: bool,
     /// Host and path are kept only when the access log is on.
     host: String,
     path: String,
@@ -586,7 +596,8 @@ impl Record {
         body: Arc<BodyState>,
     ) -> Self {
         let log = conn.listener.access_log.load();
-        let (host, path) = if log.enabled() {
+        let logged = log.enabled();
+        let (host, path) = if logged {
             let host = parts
                 .uri
                 .host()
@@ -611,6 +622,7 @@ impl Record {
             seq,
             started,
             method: parts.method.clone(),
+            logged,
             host,
             path,
             status: 0,
@@ -678,7 +690,9 @@ impl Record {
 
     fn finish(mut self, aborted: bool) {
         let listener = &self.conn.listener;
-        let elapsed = self.started.elapsed();
+        // One clock read for the duration and the connection's idle-since.
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.started);
         let error: Option<Cow<'static, str>> = match (self.error.take(), aborted) {
             (Some(e), _) => Some(e),
             (None, true) if self.conn.close_cause.get() == Some(&CloseReason::WriteTimeout) => {
@@ -709,6 +723,14 @@ impl Record {
             self.status,
             elapsed.as_secs_f64(),
         );
+        if self.logged {
+            self.write_log_line(protocol, elapsed, error.as_deref());
+        }
+        self.conn.info.request_finished(now);
+    }
+
+    fn write_log_line(&self, protocol: &str, elapsed: std::time::Duration, error: Option<&str>) {
+        let listener = &self.conn.listener;
         let log = listener.access_log.load();
         log.record(|line| {
             let info = &self.conn.info;
@@ -727,11 +749,10 @@ impl Record {
             line.num("bytes_in", self.body.bytes());
             line.num("bytes_out", self.bytes_out);
             line.millis("duration_ms", elapsed);
-            if let Some(e) = &error {
+            if let Some(e) = error {
                 line.str("error", e);
             }
         });
-        self.conn.info.request_finished();
     }
 }
 

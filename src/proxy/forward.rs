@@ -277,7 +277,7 @@ impl Attempt<'_> {
         let mut outgoing = Request::from_parts(parts, up_body);
 
         let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + spec.response_header_timeout;
+        let deadline = tokio::time::Instant::from_std(started) + spec.response_header_timeout;
         let mut resent = false;
         let result = loop {
             match tokio::time::timeout_at(deadline, lease.send(outgoing)).await {

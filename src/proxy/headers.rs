@@ -159,12 +159,27 @@ fn push_ipv4(out: &mut String, ip: Ipv4Addr) {
     }
 }
 
+/// RFC 9110 §5.6.2 `tchar`, by byte: a table, because a search of the punctuation list for each
+/// byte of the host cost every proxied request about 250 instructions (callgrind).
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~'
+            );
+        b += 1;
+    }
+    t
+};
+
 /// Writes a `Forwarded` parameter value to `out`: a token as is, anything else as a quoted
 /// string (RFC 7239 §4), which IPv6 addresses (in brackets) and `host:port` always need.
 fn push_forwarded_value(out: &mut String, v: &str) {
-    let token = !v.is_empty()
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    let token = !v.is_empty() && v.bytes().all(|b| TCHAR[usize::from(b)]);
     if token {
         out.push_str(v);
         return;
@@ -385,6 +400,16 @@ mod tests {
         assert_eq!(forwarded_value("192.0.2.1"), "192.0.2.1");
         assert_eq!(forwarded_value("[2001:db8::1]"), "\"[2001:db8::1]\"");
         assert_eq!(forwarded_value("example.com:8080"), "\"example.com:8080\"");
+        assert_eq!(forwarded_value("a~b!c"), "a~b!c");
+        assert_eq!(forwarded_value("a\"b"), "\"a\\\"b\"");
+    }
+
+    #[test]
+    fn the_token_table_is_the_grammar() {
+        for b in 0..=255u8 {
+            let tchar = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            assert_eq!(TCHAR[usize::from(b)], tchar, "byte {b:#04x}");
+        }
     }
 
     #[test]
