@@ -18,6 +18,7 @@
 use super::io::MeteredIo;
 use super::sendfile::SpliceTarget;
 use super::serve::{drive, h1_builder, serve_h2, Graceful, Step};
+use super::timer::LazySleep;
 use super::watchdog::{self, Verdict};
 use super::{h2c, CloseReason, Protocol};
 use super::{ConnShared, ConnState};
@@ -81,8 +82,9 @@ pub(super) struct H1<T: Transport, S: HttpService<B>, B: ServiceBody> {
     /// With a non-zero `release_after`: fires when the connection's current idle spell reaches
     /// it. Made at the first idle spell of a hyper connection and dropped with it at the release,
     /// so a parked connection holds none. Moving it later for each new idle spell of a busy
-    /// connection only stores the new deadline (tokio re-files it when the old one fires).
-    release_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// connection is left to the timer's firing: only then, if the spell is not long enough yet,
+    /// is it moved, so a busy connection touches it about once per `release_after`, not per request.
+    release_timer: Option<LazySleep<Box<tokio::time::Sleep>>>,
     /// The last release was followed by a request within [`BUSY_GAP`]: this connection carries
     /// back-to-back requests, and holds its state through idle spells shorter than [`BUSY_HOLD`].
     busy: bool,
@@ -241,12 +243,20 @@ where
                         let at = tokio::time::Instant::from_std(this.conn.info.idle_since() + after);
                         let timer = this
                             .release_timer
-                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-                        if timer.deadline() != at {
-                            timer.as_mut().reset(at);
+                            .get_or_insert_with(|| LazySleep::new(Box::pin(tokio::time::sleep_until(at))));
+                        // Earlier (a shorter hold once no longer busy): moved now. Later (a new
+                        // idle spell): moved once the old deadline fires.
+                        if at < timer.deadline() {
+                            timer.reset(at);
                         }
-                        if timer.as_mut().poll(cx).is_pending() {
+                        if timer.poll_expired(cx).is_pending() {
                             return Poll::Pending;
+                        }
+                        if timer.deadline() < at {
+                            timer.reset(at);
+                            if timer.poll_expired(cx).is_pending() {
+                                return Poll::Pending;
+                            }
                         }
                     }
                     this.release(cx);

@@ -11,6 +11,7 @@ mod registry;
 pub mod sendfile;
 mod serve;
 mod state;
+mod timer;
 mod watchdog;
 
 pub use context::{ConnSettings, ConnShared, ListenerShared, PendingH2c, ProtocolPolicy, UpgradeGate};

@@ -3,6 +3,7 @@
 use super::h1::{self, serve_h1};
 use super::h2watch::H2Watch;
 use super::io::MeteredIo;
+use super::timer::LazySleep;
 use super::watchdog::{self, Verdict};
 use super::{CloseReason, ConnInfo, ConnShared, ConnState, ListenerShared, Protocol};
 use crate::http::body::BoxError;
@@ -443,6 +444,8 @@ pub(super) async fn drive<C: Graceful>(mut hconn: Pin<&mut C>, conn: &ConnShared
         Verdict::Expired(_) => tokio::time::Instant::now(),
     });
     tokio::pin!(sleep);
+    // Polled only once it can have fired (see `LazySleep`): the `select!` below runs on every wake.
+    let mut sleep = LazySleep::new(sleep);
     // Bytes moved in either direction when the graceful close was last checked (drain only).
     let mut progress = 0u64;
     // HTTP/2's GOAWAY is safe the moment this process stops accepting (a binary upgrade hands
@@ -484,7 +487,7 @@ pub(super) async fn drive<C: Graceful>(mut hconn: Pin<&mut C>, conn: &ConnShared
                 progress = info.bytes_in() + info.bytes_out();
                 grace_until = tokio::time::Instant::now() + GOAWAY_GRACE;
                 let at = grace_until.min(sleep.deadline());
-                sleep.as_mut().reset(at);
+                sleep.reset(at);
                 hconn.as_mut().graceful();
             }
             _ = conn.close_requested.notified(), if initiated.is_none() && !http1 => {
@@ -493,10 +496,10 @@ pub(super) async fn drive<C: Graceful>(mut hconn: Pin<&mut C>, conn: &ConnShared
                 listener.metrics.goaway(&listener.name, "max_requests");
                 grace_until = tokio::time::Instant::now() + GOAWAY_GRACE;
                 let at = grace_until.min(sleep.deadline());
-                sleep.as_mut().reset(at);
+                sleep.reset(at);
                 hconn.as_mut().graceful();
             }
-            _ = &mut sleep => {
+            _ = std::future::poll_fn(|cx| sleep.poll_expired(cx)) => {
                 let settings = listener.settings.load();
                 let now = tokio::time::Instant::now();
                 let verdict = watchdog::check(info, http1, &settings.timeouts, now.into_std());
@@ -533,11 +536,11 @@ pub(super) async fn drive<C: Graceful>(mut hconn: Pin<&mut C>, conn: &ConnShared
                         // The drain deadline (or the write timeout) bounds this wait.
                         grace_until = now + GOAWAY_GRACE;
                     }
-                    sleep.as_mut().reset(grace_until.min(recheck.max(now + MIN_RECHECK)));
+                    sleep.reset(grace_until.min(recheck.max(now + MIN_RECHECK)));
                     continue;
                 }
                 match verdict {
-                    Verdict::Recheck(_) => sleep.as_mut().reset(recheck),
+                    Verdict::Recheck(_) => sleep.reset(recheck),
                     Verdict::Expired(reason) if !http1 && info.requests() > 0 => {
                         // HTTP/2: say goodbye with GOAWAY rather than a bare close; bound the wait.
                         initiated = Some(reason);
@@ -545,7 +548,7 @@ pub(super) async fn drive<C: Graceful>(mut hconn: Pin<&mut C>, conn: &ConnShared
                         listener.metrics.goaway(&listener.name, reason.as_str());
                         hconn.as_mut().graceful();
                         grace_until = now + settings.http2.keepalive_timeout.get();
-                        sleep.as_mut().reset(grace_until.min(now + MIN_RECHECK));
+                        sleep.reset(grace_until.min(now + MIN_RECHECK));
                     }
                     Verdict::Expired(reason) => return reason,
                 }
