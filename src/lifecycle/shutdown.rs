@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::futures::Notified;
@@ -91,12 +91,18 @@ impl Drop for TriggerInner {
 #[derive(Debug, Default)]
 struct Wake {
     lanes: [Notify; LANES],
+    /// Counts the wakes: a waiter that saw no new wake since it registered has nothing to check
+    /// (see [`Reached`]).
+    generation: AtomicU32,
 }
 
 const LANES: usize = 8;
 
 impl Wake {
     fn all(&self) {
+        // Before the wakes and after the change they announce, so a waiter that sees the new
+        // count also sees the change.
+        self.generation.fetch_add(1, Ordering::SeqCst);
         for lane in &self.lanes {
             lane.notify_waiters();
         }
@@ -189,6 +195,8 @@ impl Shutdown {
             shutdown: self,
             phase,
             handover_only: false,
+            armed: false,
+            seen: 0,
             notified: self.wake.lane().notified(),
         }
     }
@@ -231,6 +239,12 @@ pin_project_lite::pin_project! {
         shutdown: &'a Shutdown,
         phase: Phase,
         handover_only: bool,
+        // The last poll left `notified` registered with this task's waker, when the wake count
+        // was `seen`. Until the count moves nothing can have changed, and a poll (which takes the
+        // `Notify`'s lock) is skipped: a connection's task polls this on every wake, in
+        // HTTP/1.1 on every request. A future is only ever polled by the task that owns it.
+        armed: bool,
+        seen: u32,
         // Made before the phase is first checked, so an advance in between still wakes it.
         #[pin]
         notified: Notified<'a>,
@@ -241,11 +255,20 @@ impl Future for Reached<'_> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
+        let generation = this.shutdown.wake.generation.load(Ordering::SeqCst);
+        if *this.armed && *this.seen == generation {
+            return Poll::Pending;
+        }
+        *this.armed = false;
         loop {
             if this.shutdown.is_reached(*this.phase, *this.handover_only) {
                 return Poll::Ready(());
             }
-            std::task::ready!(this.notified.as_mut().poll(cx));
+            if this.notified.as_mut().poll(cx).is_pending() {
+                *this.armed = true;
+                *this.seen = generation;
+                return Poll::Pending;
+            }
             // Woken: register again before checking, for the same reason as at the start.
             this.notified.set(this.shutdown.wake.lane().notified());
         }
