@@ -400,4 +400,30 @@ mod tests {
         trigger.advance(Phase::Forced);
         assert!(futures_util::poll!(handed_over.as_mut()).is_pending());
     }
+
+    #[tokio::test]
+    async fn a_wait_polled_often_still_sees_each_advance() {
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        let forced = shutdown.forced();
+        tokio::pin!(forced);
+        // Polls with no wake in between skip the `Notify`; they must not lose its registration.
+        for _ in 0..3 {
+            assert!(futures_util::poll!(forced.as_mut()).is_pending());
+        }
+        // A wake for another phase: checked, registered again, still pending.
+        trigger.advance(Phase::Draining);
+        for _ in 0..3 {
+            assert!(futures_util::poll!(forced.as_mut()).is_pending());
+        }
+        // Woken from another task while this one waits.
+        let advance = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            trigger.advance(Phase::Forced);
+            trigger
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(5), forced)
+            .await
+            .expect("the forced phase wakes the wait");
+        drop(advance.await);
+    }
 }
