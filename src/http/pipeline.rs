@@ -249,7 +249,7 @@ type Outcome<B> =
 
 /// What turns the handler's result into the answer: the request's record and its bounds.
 struct Pending {
-    record: Record,
+    record: Box<Record>,
     body_state: Arc<BodyState>,
     body_read_timeout: std::time::Duration,
     close_after: bool,
@@ -490,7 +490,11 @@ fn log_response_head<B>(conn: &ConnShared, seq: u64, resp: &Response<B>) {
 }
 
 /// The answer for a request whose body failed, whatever the handler made of the error it read.
-fn answer_body_fault<B>(record: Record, fault: BodyFault, body_read: std::time::Duration) -> Response<Instrumented<B>>
+fn answer_body_fault<B>(
+    record: Box<Record>,
+    fault: BodyFault,
+    body_read: std::time::Duration,
+) -> Response<Instrumented<B>>
 where
     Instrumented<B>: Body,
 {
@@ -564,7 +568,9 @@ fn gatehouse_response<B>(status: StatusCode, body: &'static str) -> Response<Ins
     r
 }
 
-/// What is known about a request until its response body ends.
+/// What is known about a request until its response body ends. Always boxed: it rides in the
+/// response body, which hyper moves about a dozen times between the handler and the encoder
+/// (and HTTP/2 into each stream's task), and inline its 160 bytes were copied on every move.
 struct Record {
     conn: Arc<ConnShared>,
     seq: u64,
@@ -594,7 +600,7 @@ impl Record {
         seq: u64,
         started: Instant,
         body: Arc<BodyState>,
-    ) -> Self {
+    ) -> Box<Self> {
         let log = conn.listener.access_log.load();
         let logged = log.enabled();
         let (host, path) = if logged {
@@ -616,7 +622,7 @@ impl Record {
             t.start(parts, &conn.info, &req_id, log.redactor())
         });
         drop(log);
-        Record {
+        Box::new(Record {
             protocol: conn.info.protocol(),
             conn,
             seq,
@@ -631,7 +637,7 @@ impl Record {
             body,
             complete_if_dropped: false,
             span,
-        }
+        })
     }
 
     fn req_id(&self) -> String {
@@ -640,7 +646,7 @@ impl Record {
 
     /// Attaches the record to the response, which reports it when its body ends.
     fn attach<B>(
-        self,
+        self: Box<Self>,
         resp: Response<Instrumented<B>>,
         close: bool,
         error: Option<&'static str>,
@@ -653,7 +659,7 @@ impl Record {
 
     /// `attach` with an error in words (see [`AccessLogError`]).
     fn attach_note<B>(
-        mut self,
+        mut self: Box<Self>,
         mut resp: Response<Instrumented<B>>,
         close: bool,
         error: Option<Cow<'static, str>>,
@@ -688,7 +694,7 @@ impl Record {
         resp
     }
 
-    fn finish(mut self, aborted: bool) {
+    fn finish(mut self: Box<Self>, aborted: bool) {
         let listener = &self.conn.listener;
         // One clock read for the duration and the connection's idle-since.
         let now = Instant::now();
@@ -761,7 +767,7 @@ pin_project_lite::pin_project! {
     pub struct Instrumented<B> {
         #[pin]
         kind: Kind<B>,
-        record: Option<Record>,
+        record: Option<Box<Record>>,
         // HTTP/2: hyper holds data (or the headers) from this body and has not asked for more,
         // which it does only once the peer's flow-control window has room. Waiting on the
         // handler (the inner body is `Pending`) is never counted: that is not the peer's fault.
@@ -782,7 +788,7 @@ pin_project_lite::pin_project! {
 
 /// Keeps the connection's count of responses waiting on the peer in step with `flag` (HTTP/2
 /// only: on HTTP/1.1 the socket itself reports a peer that takes no bytes).
-fn set_peer_wait(record: &Option<Record>, flag: &mut bool, on: bool) {
+fn set_peer_wait(record: &Option<Box<Record>>, flag: &mut bool, on: bool) {
     if *flag == on {
         return;
     }
