@@ -694,7 +694,8 @@ impl Record {
         resp
     }
 
-    fn finish(mut self: Box<Self>, aborted: bool) {
+    /// Reports the request; called once, as its box is taken out of the body.
+    fn finish(&mut self, aborted: bool) {
         let listener = &self.conn.listener;
         // One clock read for the duration and the connection's idle-since.
         let now = Instant::now();
@@ -778,7 +779,7 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             set_peer_wait(this.record, this.awaiting_peer, false);
-            if let Some(record) = this.record.take() {
+            if let Some(mut record) = this.record.take() {
                 let aborted = !record.complete_if_dropped;
                 record.finish(aborted);
             }
@@ -865,7 +866,7 @@ where
                 }
                 // hyper stops polling once a body says it has ended, so finish here, not at `None`.
                 if kind_ended(kind.as_ref().get_ref()) {
-                    if let Some(rec) = this.record.take() {
+                    if let Some(mut rec) = this.record.take() {
                         rec.finish(false);
                     }
                 } else {
@@ -880,7 +881,7 @@ where
                 }
             }
             None => {
-                if let Some(rec) = this.record.take() {
+                if let Some(mut rec) = this.record.take() {
                     rec.finish(false);
                 }
             }
