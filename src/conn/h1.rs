@@ -244,11 +244,9 @@ where
                         let timer = this
                             .release_timer
                             .get_or_insert_with(|| LazySleep::new(Box::pin(tokio::time::sleep_until(at))));
-                        // Earlier (a shorter hold once no longer busy): moved now. Later (a new
-                        // idle spell): moved once the old deadline fires.
-                        if at < timer.deadline() {
-                            timer.reset(at);
-                        }
+                        // `at` only moves later (each idle spell starts after the last; the hold
+                        // is fixed for this hyper connection), so the timer is moved only when it
+                        // fires before the current spell is long enough.
                         if timer.poll_expired(cx).is_pending() {
                             return Poll::Pending;
                         }
