@@ -167,23 +167,26 @@ fn serve_with(
             message: format!("cannot keep the admin API's socket for upgrades: {e}"),
         })?;
     }
-    eprintln!("gatehouse {} serving ({source})", env!("CARGO_PKG_VERSION"));
-    eprint!("{}", server.protocol_table());
+    // Printed once the signal handlers are in (see `Server::with_announcement`): whoever reads
+    // this and signals the process reaches the handlers, not the signals' default action.
+    let mut banner = format!("gatehouse {} serving ({source})\n", env!("CARGO_PKG_VERSION"));
+    banner.push_str(&server.protocol_table());
     for (name, cert) in &self_signed {
         let port = server.local_addr(name).map(|a| a.port()).unwrap_or(0);
-        eprintln!(
-            "self-signed certificate for `{name}`: {}  (try: curl --cacert {} https://localhost:{port}/)",
+        banner.push_str(&format!(
+            "self-signed certificate for `{name}`: {}  (try: curl --cacert {} https://localhost:{port}/)\n",
             cert.display(),
             cert.display()
-        );
+        ));
     }
     if let Some(l) = &admin_listener {
         if let Ok(a) = l.local_addr() {
-            eprintln!(
-                "admin API: http://{a}/ (healthz, readyz, metrics, debug/connections, debug/switches, config, reload, upgrade)"
-            );
+            banner.push_str(&format!(
+                "admin API: http://{a}/ (healthz, readyz, metrics, debug/connections, debug/switches, config, reload, upgrade)\n"
+            ));
         }
     }
+    let server = server.with_announcement(move || eprint!("{banner}"));
     let result = server.run(router, workers, move |handle| async move {
         if let Some(listener) = admin_listener {
             let admin = Arc::new(crate::admin::Admin { handle, token });

@@ -258,6 +258,9 @@ pub struct Server {
     exporter: Option<otel::Exporter>,
     /// Set in a binary upgrade's new process: told once every listener accepts.
     ready_report: Option<ReadyReport>,
+    /// Run once the signal handlers are in and before any listener accepts (see
+    /// [`Server::with_announcement`]).
+    announce: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Server {
@@ -376,6 +379,7 @@ impl Server {
             signals: true,
             exporter,
             ready_report: handover.map(|h| h.report()),
+            announce: None,
         })
     }
 
@@ -418,6 +422,15 @@ impl Server {
     /// as `launch` describes, which should be recorded at process start ([`Launch::current`]).
     pub fn with_upgrade(self, launch: Launch) -> Self {
         self.handle.upgrader.set_launch(launch);
+        self
+    }
+
+    /// Runs `announce` once serving has begun far enough that the process's signals are handled,
+    /// and before any listener accepts: where a binary prints its startup report. Whoever reads
+    /// that report and sends SIGTERM, SIGHUP or SIGUSR2 then reaches the server's handlers, never
+    /// the signal's default action, which would end the process without a drain.
+    pub fn with_announcement(mut self, announce: impl FnOnce() + Send + 'static) -> Self {
+        self.announce = Some(Box::new(announce));
         self
     }
 
@@ -543,11 +556,26 @@ impl Server {
         result
     }
 
-    async fn serve_on<S, B>(self, svc: S, workers: Vec<tokio::runtime::Handle>) -> Result<(), StartError>
+    async fn serve_on<S, B>(mut self, svc: S, workers: Vec<tokio::runtime::Handle>) -> Result<(), StartError>
     where
         S: HttpService<B>,
         B: ServiceBody,
     {
+        // First: until they are in, SIGTERM, SIGHUP and SIGUSR2 would end the process at once.
+        let mut signals = if self.signals {
+            match Signals::install() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install signal handlers; stop the server through the admin API or the library handle");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(announce) = self.announce.take() {
+            announce();
+        }
         // Kept for listeners a reload adds: the service is cloned for each of their accept loops.
         let limits = self.limits.clone();
         let svc = Mutex::new(svc);
@@ -587,17 +615,6 @@ impl Server {
         });
         let listeners = self.listeners.clone();
         let handle = self.handle.clone();
-        let mut signals = if self.signals {
-            match Signals::install() {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot install signal handlers; stop the server through the admin API or the library handle");
-                    None
-                }
-            }
-        } else {
-            None
-        };
         let reload = || {
             let handle = handle.clone();
             // Its own task, so a stop signal is not held up while certificates load.

@@ -2,7 +2,8 @@
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-/// The signals the server acts on. Installed before readiness is reported: until then SIGHUP's
+/// The signals the server acts on. Installed before the startup report is printed and before any
+/// listener accepts (see `Server::with_announcement`), so before readiness too: until then SIGHUP's
 /// default action would kill the process, so a reload sent right after startup must find these.
 #[derive(Debug)]
 pub struct Signals {

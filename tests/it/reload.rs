@@ -412,3 +412,22 @@ async fn a_library_service_is_kept_across_reloads() {
         .unwrap()
         .unwrap();
 }
+
+/// The startup report is printed only once the signal handlers are in: a SIGHUP sent the moment
+/// the report names the admin API reloads the server, where SIGHUP's default action would have
+/// ended it. Several starts, since the window this closes was a few milliseconds wide.
+#[test]
+fn a_signal_sent_as_soon_as_the_startup_report_appears_is_handled() {
+    for _ in 0..5 {
+        let mut g = common::binary::Gatehouse::start(
+            "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\
+             [[routes]]\nrespond = { status = 200, body = \"hi\\n\" }\n",
+        );
+        // Straight from this process: a `kill` command would take longer to start than the
+        // window did.
+        let pid = rustix::process::Pid::from_raw(g.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+        assert!(g.wait_log("reload requested", Duration::from_secs(10)), "{}", g.log());
+        assert!(g.is_running(), "{}", g.log());
+    }
+}
