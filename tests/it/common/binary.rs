@@ -15,6 +15,8 @@ pub struct Gatehouse {
     pub admin: SocketAddr,
     addrs: HashMap<String, SocketAddr>,
     log: Arc<Mutex<String>>,
+    /// Set once the process's stderr reached its end: every line is in `log`.
+    log_ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `gatehouse` with the arguments every test wants: text logs at `log_level`.
@@ -81,12 +83,15 @@ impl Gatehouse {
             .collect();
         let log = Arc::new(Mutex::new(startup));
         let sink = log.clone();
+        let log_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ended = log_ended.clone();
         std::thread::spawn(move || {
             let mut line = String::new();
             while matches!(stderr.read_line(&mut line), Ok(n) if n > 0) {
                 sink.lock().unwrap().push_str(&line);
                 line.clear();
             }
+            ended.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         Gatehouse {
             child,
@@ -94,6 +99,7 @@ impl Gatehouse {
             admin,
             addrs,
             log,
+            log_ended,
         }
     }
 
@@ -124,9 +130,32 @@ impl Gatehouse {
         self.log.lock().unwrap().clone()
     }
 
-    /// Waits (bounded) for the process to exit.
+    /// Waits (bounded) for the process to exit, then for its last log lines: the thread reading
+    /// them may lag behind the exit. They are all in once stderr ends, or once the process's last
+    /// line is read (a binary upgrade's new process keeps stderr open after the old one exits).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        super::wait_exit(&mut self.child, timeout)
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            // A child's exit has no awaitable event short of blocking in wait(), which cannot time out.
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.log_ended.load(std::sync::atomic::Ordering::SeqCst)
+            && !self.log().contains("gatehouse stopped\n")
+            && Instant::now() < deadline
+        {
+            // Lines arrive through a pipe read by another thread; there is no event to await.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        status
     }
 
     /// Waits (bounded) until the log contains `needle`; returns whether it did.
