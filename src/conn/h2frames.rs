@@ -23,6 +23,9 @@ pub const CONTINUATION: u8 = 0x9;
 
 pub const FLAG_END_STREAM: u8 = 0x1;
 
+/// RFC 9113 §7 PROTOCOL_ERROR.
+pub const PROTOCOL_ERROR: u32 = 0x1;
+
 /// RFC 9113 §7 ENHANCE_YOUR_CALM.
 pub const ENHANCE_YOUR_CALM: u32 = 0xb;
 

@@ -1,6 +1,7 @@
 //! One connection from accept to close: TLS, protocol selection, serving, and the close reason.
 
 use super::h1::{self, serve_h1};
+use super::h2frames;
 use super::h2watch::H2Watch;
 use super::io::MeteredIo;
 use super::timer::LazySleep;
@@ -21,6 +22,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The preface's first line: no HTTP/1.1 request starts so (the version is 2.0), and a client
+/// that sends it and then something other than the rest of the preface speaks broken HTTP/2.
+const H2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// How long, and how many bytes, a connection refused for its preface is read after the refusal
+/// before it is closed: closing with unread input would reset it, and the client could lose the
+/// GOAWAY that says why.
+const REFUSAL_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+const REFUSAL_LINGER_BYTES: u64 = 64 * 1024;
 
 /// After a graceful HTTP/2 close starts (GOAWAY + PING), how long an idle connection may take to
 /// finish the round trip before it is closed anyway. Busy connections wait for their streams.
@@ -160,46 +171,43 @@ where
             return Box::pin(serve_tls(tcp, conn, svc, settings.timeouts.tls_handshake.get())).await;
         }
         let policy = listener.policy.load_full();
-        match (policy.http1, policy.h2c) {
-            (true, true) => {
-                // Boxed: it is over once the first bytes have arrived, and inline its state would
-                // size every connection's task for its whole life.
-                let sniffed = Box::pin(async {
-                    tokio::select! {
-                        s = sniff_preface(tcp, settings.timeouts.first_request.get()) => Some(s),
-                        _ = listener.shutdown.draining() => None,
-                    }
-                })
-                .await;
-                let Some(sniffed) = sniffed else {
-                    return Step::Closed(CloseReason::Shutdown);
-                };
-                // Settled before anything is awaited, so that the sniffed result takes no room in
-                // this future while the connection is served.
-                let (h2, io) = match sniffed {
-                    Sniffed::Timeout => return Step::Closed(CloseReason::FirstRequestTimeout),
-                    Sniffed::Closed => return Step::Closed(CloseReason::ClientClosed),
-                    Sniffed::Error => return Step::Closed(CloseReason::IoError),
-                    Sniffed::Preface(tcp, prefix) => (true, MeteredIo::new(tcp, prefix, info.clone())),
-                    Sniffed::Other(tcp, prefix) => (false, MeteredIo::new(tcp, prefix, info.clone())),
-                };
-                if h2 {
-                    Step::Closed(Box::pin(serve_h2(io, conn, svc, Protocol::H2c)).await)
-                } else {
-                    serve_h1(io, conn, svc).await
+        if policy.h2c {
+            // Boxed: it is over once the first bytes have arrived, and inline its state would
+            // size every connection's task for its whole life.
+            let sniffed = Box::pin(async {
+                tokio::select! {
+                    s = sniff_preface(tcp, settings.timeouts.first_request.get()) => Some(s),
+                    _ = listener.shutdown.draining() => None,
                 }
-            }
-            (false, true) => Step::Closed(
-                Box::pin(serve_h2(
-                    MeteredIo::new(tcp, Bytes::new(), info.clone()),
-                    conn,
-                    svc,
-                    Protocol::H2c,
-                ))
-                .await,
-            ),
-            _ => h1::start_parked(MeteredIo::new(tcp, Bytes::new(), info.clone()), conn),
+            })
+            .await;
+            let Some(sniffed) = sniffed else {
+                return Step::Closed(CloseReason::Shutdown);
+            };
+            // Settled before anything is awaited, so that the sniffed result takes no room in
+            // this future while the connection is served.
+            let (h2, io) = match sniffed {
+                Sniffed::Timeout => return Step::Closed(CloseReason::FirstRequestTimeout),
+                Sniffed::Closed => return Step::Closed(CloseReason::ClientClosed),
+                Sniffed::Error => return Step::Closed(CloseReason::IoError),
+                Sniffed::Preface(tcp, prefix) => (true, MeteredIo::new(tcp, prefix, info.clone())),
+                // HTTP/1.1, unless the bytes began as HTTP/2's preface and then broke it (or
+                // HTTP/1.1 is not served here): an HTTP/2 client, to be told so in HTTP/2.
+                Sniffed::Other(tcp, prefix) if policy.http1 && !prefix.starts_with(H2_PREFACE_LINE) => {
+                    (false, MeteredIo::new(tcp, prefix, info.clone()))
+                }
+                Sniffed::Other(tcp, prefix) => {
+                    let io = MeteredIo::new(tcp, Bytes::new(), info.clone());
+                    return Step::Closed(Box::pin(refuse_preface(io, conn, prefix)).await);
+                }
+            };
+            return if h2 {
+                Step::Closed(Box::pin(serve_h2(io, conn, svc, Protocol::H2c)).await)
+            } else {
+                serve_h1(io, conn, svc).await
+            };
         }
+        h1::start_parked(MeteredIo::new(tcp, Bytes::new(), info.clone()), conn)
     }
 }
 
@@ -303,6 +311,37 @@ fn count_handshake(listener: &ListenerShared, result: &'static str, tls_version:
             alpn,
         })
         .inc();
+}
+
+/// A cleartext connection whose first bytes are not HTTP/2's connection preface where HTTP/2 is
+/// expected: an HTTP/2 connection error of type PROTOCOL_ERROR (RFC 9113 §3.4). The server's
+/// preface (an empty SETTINGS frame, which must come first) and a GOAWAY say so, counted in
+/// `gatehouse_h2_goaway_sent_total{reason="protocol_error"}`, before the connection is closed.
+async fn refuse_preface<IO>(mut io: IO, conn: &ConnShared, prefix: Bytes) -> CloseReason
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let listener = &conn.listener;
+    tracing::debug!(
+        conn_id = conn.info.id,
+        listener = %listener.name.0,
+        remote = %conn.info.peer,
+        first_bytes = ?String::from_utf8_lossy(&prefix[..prefix.len().min(H2_PREFACE.len())]),
+        "not the HTTP/2 connection preface; answering GOAWAY(PROTOCOL_ERROR)"
+    );
+    let mut frames = [0u8; 2 * h2frames::HEAD_LEN + 8];
+    frames[3] = h2frames::SETTINGS;
+    frames[h2frames::HEAD_LEN..].copy_from_slice(&h2frames::goaway(0, h2frames::PROTOCOL_ERROR));
+    listener
+        .metrics
+        .goaway(&listener.name, h2frames::error_label(h2frames::PROTOCOL_ERROR));
+    if io.write_all(&frames).await.is_err() || io.shutdown().await.is_err() {
+        return CloseReason::ProtocolError;
+    }
+    let mut rest = (&mut io).take(REFUSAL_LINGER_BYTES);
+    let _ = tokio::time::timeout(REFUSAL_LINGER, tokio::io::copy(&mut rest, &mut tokio::io::sink())).await;
+    CloseReason::ProtocolError
 }
 
 enum Sniffed {

@@ -631,3 +631,58 @@ async fn http2_authority_differing_from_host_is_refused_on_its_stream_only() {
     );
     srv.stop().await;
 }
+
+/// Reads until the server closes: the bytes, and whether the close was orderly (not a reset).
+async fn read_to_close(s: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let orderly = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("the server did not close the connection")
+        .is_ok();
+    (got, orderly)
+}
+
+/// An invalid HTTP/2 connection preface is a connection error of type PROTOCOL_ERROR (RFC 9113
+/// §3.4): the server's own preface (SETTINGS) and a GOAWAY saying so, then an orderly close, where
+/// closing with the client's bytes unread would reset the connection and could lose the GOAWAY.
+/// On a listener that also serves HTTP/1.1, only bytes that begin as the preface and then break it
+/// are HTTP/2's to refuse; anything else is an HTTP/1.1 request.
+#[tokio::test]
+async fn an_invalid_http2_preface_gets_goaway_protocol_error_and_an_orderly_close() {
+    let srv = TestServer::start(&format!(
+        "{SERVER}[[listeners]]\nname = \"h2c\"\naddress = \"127.0.0.1:0\"\nprotocols = [\"h2c\"]\n"
+    ))
+    .await;
+    let settings_then_goaway: &[u8] = &[
+        0, 0, 0, 4, 0, 0, 0, 0, 0, // SETTINGS, empty, stream 0
+        0, 0, 8, 7, 0, 0, 0, 0, 0, // GOAWAY, 8 bytes, stream 0
+        0, 0, 0, 0, 0, 0, 0, 1, // last stream 0, PROTOCOL_ERROR
+    ];
+    let cases: [(&str, &[u8]); 3] = [
+        ("h2c", b"INVALID CONNECTION PREFACE\r\n\r\n"),
+        ("h2c", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+        ("plain", b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\nmore bytes after it"),
+    ];
+    for (listener, bytes) in cases {
+        let mut s = TcpStream::connect(srv.addr(listener)).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        let (got, orderly) = read_to_close(&mut s).await;
+        assert_eq!(
+            got,
+            settings_then_goaway,
+            "{listener} {:?}",
+            String::from_utf8_lossy(bytes)
+        );
+        assert!(orderly, "{listener}: reset, not closed");
+    }
+    for (listener, n) in [("h2c", 2.0), ("plain", 1.0)] {
+        let series = format!(r#"gatehouse_h2_goaway_sent_total{{listener="{listener}",reason="protocol_error"}}"#);
+        assert!(srv.wait_metric(&series, n).await, "{series} = {}", srv.metric(&series));
+    }
+    // Garbage that is not the preface is still HTTP/1.1's to answer where HTTP/1.1 is served.
+    let mut s = TcpStream::connect(srv.addr("plain")).await.unwrap();
+    s.write_all(b"INVALID CONNECTION PREFACE\r\n\r\n").await.unwrap();
+    let (got, _) = read_to_close(&mut s).await;
+    assert!(got.starts_with(b"HTTP/1.1 400 "), "{:?}", String::from_utf8_lossy(&got));
+    srv.stop().await;
+}
