@@ -13,7 +13,7 @@ use crate::proxy::resilience::metrics::ResilienceMetrics;
 use crate::proxy::{Gateway, UpstreamSpec};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -368,6 +368,15 @@ fn client_ip(req: &Request<RequestBody>) -> std::net::IpAddr {
 
 /// Fixed answers, redirects and the connection info: built from the request head alone.
 fn answer_from_head(route: &Route, rest: &str, req: &Request<RequestBody>) -> Option<Response<ResponseBody>> {
+    if req.method() == Method::CONNECT && !matches!(route.handler, Handler::Static(_) | Handler::Proxy { .. }) {
+        // A 2xx answer to CONNECT means "tunnel established" (RFC 9110 §9.3.6): hyper would
+        // hand the connection over to a tunnel nobody serves, and the client would take a fixed
+        // answer for a tunnel. Only the proxy tunnels (WebSocket); these routes do not.
+        return Some(handlers::text(
+            StatusCode::NOT_IMPLEMENTED,
+            "CONNECT is not served by this route\n",
+        ));
+    }
     Some(match &route.handler {
         Handler::Redirect { target, status } => {
             let mut location = format!(

@@ -72,6 +72,14 @@ fn cases() -> Vec<Case> {
     vec![
         // Controls: valid requests keep the connection.
         case("valid GET", "GET / HTTP/1.1\r\nHost: a\r\n\r\n", 200, Open, Gatehouse),
+        // A 2xx would mean "tunnel established"; a fixed-answer route tunnels nothing.
+        case(
+            "CONNECT to a route that does not tunnel",
+            "CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
+            501,
+            Open,
+            Gatehouse,
+        ),
         case("bare LF line ends", "GET / HTTP/1.1\nHost: a\n\n", 200, Open, Gatehouse),
         case(
             "POST with Content-Length (built-in handler reads it)",
