@@ -13,7 +13,7 @@ use super::metrics::PhaseLabels;
 use super::pool::{SendError, ServerPool};
 use super::resilience::retry::is_idempotent;
 use super::upgrade;
-use super::upstream::{Chosen, HostRewrite, Upstream};
+use super::upstream::{Chosen, Upstream};
 use super::websocket::{self, Extended};
 use crate::http::body::ResponseBody;
 use crate::http::{AccessLogError, BodyState, RequestBody, RequestContext};
@@ -44,9 +44,6 @@ pub async fn forward(upstream: Arc<Upstream>, mut req: Request<RequestBody>) -> 
         }
         None => false,
     };
-    if upstream.spec.host == HostRewrite::Preserve && headers::client_host(req.uri(), req.headers()).is_none() {
-        return refusal(StatusCode::BAD_REQUEST, "the request has no Host\n", "proxy:no_host");
-    }
     let mut chosen = match upstream.select(&[], Instant::now()) {
         Ok(c) => c,
         Err(why) => {

@@ -269,10 +269,14 @@ pub fn to_upstream(
     append_via(&mut parts.headers, received);
     restore_trace_context(&mut parts.headers, trace);
 
-    let host = match &spec.host {
-        HostRewrite::Preserve => original_host.ok_or("the request has no Host")?,
-        HostRewrite::Upstream => HeaderValue::from_str(server).map_err(|_| "the server address is not a Host value")?,
-        HostRewrite::Fixed(v) => v.clone(),
+    let host = match (&spec.host, original_host) {
+        (HostRewrite::Fixed(v), _) => v.clone(),
+        (HostRewrite::Preserve, Some(h)) => h,
+        // An HTTP/1.0 request may come without a Host; the request made from it is HTTP/1.1 (or
+        // 2) and needs one, and the server it goes to is the authority it is sent to.
+        (HostRewrite::Preserve | HostRewrite::Upstream, _) => {
+            HeaderValue::from_str(server).map_err(|_| "the server address is not a Host value")?
+        }
     };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     if h2 {

@@ -362,6 +362,12 @@ async fn hop_by_hop_removed_and_forwarding_headers_set() {
         .unwrap();
     assert!(seen.lines().any(|l| l == "via: 2 gatehouse"), "{seen}");
     assert!(seen.lines().any(|l| l == format!("host: {addr}")), "{seen}");
+
+    // HTTP/1.0 may come without a Host: the HTTP/1.1 request made from it names the server it goes to.
+    let answer = common::raw_exchange(addr, b"GET /old HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("\nvia: 1.0 gatehouse\n"), "{answer}");
+    assert!(answer.contains(&format!("\nhost: {}\n", be.addr)), "{answer}");
     srv.stop().await;
 }
 
