@@ -142,8 +142,9 @@ impl Gatehouse {
             // A child's exit has no awaitable event short of blocking in wait(), which cannot time out.
             assert!(
                 Instant::now() < deadline,
-                "process did not exit within {timeout:?}:\n{}",
-                self.log()
+                "process did not exit within {timeout:?}:\n{}\n{}",
+                self.log(),
+                thread_stacks(self.child.id())
             );
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -195,4 +196,31 @@ impl Drop for Gatehouse {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Every thread's stack in process `pid`, for a test that finds it stuck: gdb's backtraces where
+/// gdb is installed, else each thread's name and what it waits in (from /proc).
+fn thread_stacks(pid: u32) -> String {
+    if let Ok(out) = Command::new("gdb")
+        .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt"])
+        .stdin(Stdio::null())
+        .output()
+    {
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+    }
+    let mut text = String::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+            text.push_str(&format!(
+                "thread {}: {} waiting in {}\n",
+                task.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan")
+            ));
+        }
+    }
+    text
 }
