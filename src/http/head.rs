@@ -268,12 +268,14 @@ fn check_transfer_coding(headers: &HeaderMap) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2-3). An empty value is valid: RFC 9112
-/// §3.2 has clients send it when the target URI has no authority.
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2-3), with a host that is not empty.
+/// RFC 9112 §3.2 has a client send an empty Host when its target URI has no authority, but every
+/// URI this server answers is `http` or `https`, and an `http` URI with an empty host is invalid:
+/// RFC 9110 §4.2.1 has its recipient reject it (nginx answers 400 too).
 fn valid_host(v: &[u8]) -> bool {
     let (host, port) = split_host_port(v);
     let port_ok = port.is_none_or(|p| p.iter().all(u8::is_ascii_digit));
-    port_ok && (host.starts_with(b"[") && valid_ip_literal(host) || valid_reg_name(host))
+    port_ok && !host.is_empty() && (host.starts_with(b"[") && valid_ip_literal(host) || valid_reg_name(host))
 }
 
 /// Splits off `:port`; an IP literal keeps its brackets and colons.
@@ -442,7 +444,6 @@ mod tests {
             "[::1]:443",
             "[v1.fe]",
             "a%20b",
-            "",
         ] {
             assert!(valid_host(ok.as_bytes()), "{ok:?} should be valid");
         }
@@ -456,6 +457,8 @@ mod tests {
             "a/b",
             "é.example",
             "host:1:2",
+            "",
+            ":80",
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad:?} should be invalid");
         }

@@ -225,6 +225,8 @@ fn cases() -> Vec<Case> {
             Open,
             Gatehouse,
         ),
+        // An `http` URI with an empty host is invalid (RFC 9110 §4.2.1).
+        case("empty Host", "GET / HTTP/1.1\r\nHost: \r\n\r\n", 400, Open, Gatehouse),
         case(
             "Host with a bad port",
             "GET / HTTP/1.1\r\nHost: a:8o\r\n\r\n",
