@@ -91,8 +91,9 @@ impl Drop for TriggerInner {
 #[derive(Debug, Default)]
 struct Wake {
     lanes: [Notify; LANES],
-    /// Counts the wakes: a waiter that saw no new wake since it registered has nothing to check
-    /// (see [`Reached`]).
+    /// Counts the wakes, twice each: odd while one is under way, even between. A waiter that
+    /// registered with no wake under way, and has seen the count unchanged since, is still
+    /// registered and has nothing to check (see [`Reached`]).
     generation: AtomicU32,
 }
 
@@ -100,9 +101,14 @@ const LANES: usize = 8;
 
 impl Wake {
     fn all(&self) {
-        // Before the wakes and after the change they announce, so a waiter that sees the new
-        // count also sees the change.
+        // Raised before the wakes and after the change they announce, so a waiter that sees the
+        // new count also sees the change; and again after them, so that a count read while they
+        // were under way (odd) never passes for one that no wake can have overtaken.
         self.generation.fetch_add(1, Ordering::SeqCst);
+        self.notify_lanes();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+    fn notify_lanes(&self) {
         for lane in &self.lanes {
             lane.notify_waiters();
         }
@@ -239,9 +245,11 @@ pin_project_lite::pin_project! {
         shutdown: &'a Shutdown,
         phase: Phase,
         handover_only: bool,
-        // The last poll left `notified` registered with this task's waker, when the wake count
-        // was `seen`. Until the count moves nothing can have changed, and a poll (which takes the
-        // `Notify`'s lock) is skipped: a connection's task polls this on every wake, in
+        // The last poll left `notified` registered with this task's waker, and read the wake
+        // count as `seen` (even: no wake under way) before registering. A wake that reaches the
+        // registration (and ends it) starts after that read, so it moves the count; until the
+        // count moves the registration stands and nothing can have changed, and a poll (which
+        // takes the `Notify`'s lock) is skipped: a connection's task polls this on every wake, in
         // HTTP/1.1 on every request. A future is only ever polled by the task that owns it.
         armed: bool,
         seen: u32,
@@ -265,7 +273,9 @@ impl Future for Reached<'_> {
                 return Poll::Ready(());
             }
             if this.notified.as_mut().poll(cx).is_pending() {
-                *this.armed = true;
+                // Read while a wake was under way, the count cannot tell whether that wake came
+                // before the registration or will end it: poll again next time.
+                *this.armed = generation % 2 == 0;
                 *this.seen = generation;
                 return Poll::Pending;
             }
@@ -425,5 +435,45 @@ mod tests {
             .await
             .expect("the forced phase wakes the wait");
         drop(advance.await);
+    }
+
+    /// The interleaving that lost a wake when the count was raised only before the wakes: the
+    /// wait reads the count after a wake began, registers, and only then is that wake delivered,
+    /// which ends the registration. The next poll must register again, or the next advance would
+    /// find nobody to wake (a worker thread waited for `Forced` for ever after a binary upgrade).
+    #[test]
+    fn a_wake_under_way_while_the_wait_registers_does_not_leave_it_unregistered() {
+        use std::sync::atomic::AtomicUsize;
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.wake_by_ref();
+            }
+            fn wake_by_ref(self: &Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let woken = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        let wake = trigger.inner.wake.clone();
+        let mut forced = std::pin::pin!(shutdown.forced());
+
+        // A wake for another phase begins: the phase has moved and the count is raised...
+        trigger.inner.state.phase.store(Phase::Draining as u8, Ordering::SeqCst);
+        wake.generation.fetch_add(1, Ordering::SeqCst);
+        // ...the wait reads the count and registers...
+        assert!(forced.as_mut().poll(&mut cx).is_pending());
+        // ...and the wake is delivered, ending the registration; the woken wait runs before the
+        // wake has finished.
+        wake.notify_lanes();
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        assert!(forced.as_mut().poll(&mut cx).is_pending());
+        wake.generation.fetch_add(1, Ordering::SeqCst);
+
+        trigger.advance(Phase::Forced);
+        assert_eq!(woken.0.load(Ordering::SeqCst), 2, "the advance to Forced woke nobody");
+        assert!(forced.as_mut().poll(&mut cx).is_ready());
     }
 }
