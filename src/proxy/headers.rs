@@ -82,6 +82,39 @@ fn strip_fields(headers: &mut HeaderMap, present: u8) -> bool {
     te_trailers
 }
 
+/// The forwarding fields this proxy writes whose names have a `-` that a backend may read as `_`.
+const FORWARDING_DASHED: [&str; 2] = ["x-forwarded-for", "x-forwarded-proto"];
+
+/// Whether `name` is one of [`FORWARDING_DASHED`] spelled with `_` for some `-`.
+fn forwarding_lookalike(name: &str) -> bool {
+    // Only names of those lengths are looked at: the check costs a request next to nothing.
+    FORWARDING_DASHED.iter().any(|f| {
+        f.len() == name.len()
+            && name.contains('_')
+            && f.bytes()
+                .zip(name.bytes())
+                .all(|(f, n)| n == f || (f == b'-' && n == b'_'))
+    })
+}
+
+/// Removes a client's `X_Forwarded_For` and the like. CGI-style backends (WSGI, Rack, PHP) fold
+/// `-` and `_` into one variable (`HTTP_X_FORWARDED_FOR`), so such a field would pass there for
+/// the value this proxy sets, or replace it: a spoofed client address. nginx drops every field
+/// with `_` in its name by default; these are the ones that can impersonate this proxy's own.
+fn strip_forwarding_lookalikes(headers: &mut HeaderMap) {
+    if !headers.keys().any(|k| forwarding_lookalike(k.as_str())) {
+        return;
+    }
+    let spoofed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| forwarding_lookalike(k.as_str()))
+        .cloned()
+        .collect();
+    for name in &spoofed {
+        headers.remove(name);
+    }
+}
+
 /// Whether a `Connection` field lists `token` (case-insensitive).
 pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
@@ -223,6 +256,7 @@ pub fn to_upstream(
         [None, None]
     };
     let te_trailers = strip_fields(&mut parts.headers, hop);
+    strip_forwarding_lookalikes(&mut parts.headers);
     if te_trailers {
         parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -475,5 +509,35 @@ mod tests {
             HeaderValue::from_static("10.0.0.3"),
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 10.0.0.3");
+    }
+
+    #[test]
+    fn forwarding_lookalikes_are_the_underscore_spellings_only() {
+        for spoof in [
+            "x_forwarded_for",
+            "x-forwarded_for",
+            "x_forwarded-proto",
+            "x_forwarded_proto",
+        ] {
+            assert!(forwarding_lookalike(spoof), "{spoof}");
+        }
+        for fine in [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x_forwarded_fox",
+            "x_real_ip",
+            "my_header",
+            "x-forwarded_host",
+        ] {
+            assert!(!forwarding_lookalike(fine), "{fine}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("x_forwarded_for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.insert("my_header", HeaderValue::from_static("kept"));
+        strip_forwarding_lookalikes(&mut h);
+        assert!(h.get("x_forwarded_for").is_none());
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9");
+        assert_eq!(h["my_header"], "kept");
     }
 }

@@ -318,6 +318,8 @@ async fn hop_by_hop_removed_and_forwarding_headers_set() {
         .header("proxy-connection", "keep-alive")
         .header("te", "gzip, trailers")
         .header("x-forwarded-for", "203.0.113.9")
+        // What a CGI-style backend would read as X-Forwarded-For.
+        .header("x_forwarded_for", "6.6.6.6")
         .header("forwarded", "for=203.0.113.9")
         .header("via", "1.1 edge")
         .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
@@ -344,7 +346,13 @@ async fn hop_by_hop_removed_and_forwarding_headers_set() {
     ] {
         assert!(has(&line), "upstream did not see `{line}`:\n{seen}");
     }
-    for gone in ["x-hop", "keep-alive", "proxy-connection", "connection"] {
+    for gone in [
+        "x-hop",
+        "keep-alive",
+        "proxy-connection",
+        "connection",
+        "x_forwarded_for",
+    ] {
         assert!(
             !seen.lines().any(|l| l.starts_with(&format!("{gone}:"))),
             "`{gone}` reached the upstream:\n{seen}"
