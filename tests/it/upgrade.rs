@@ -352,7 +352,6 @@ fn sigusr2_upgrades_and_the_old_process_exits_zero() {
         "{}",
         g.log()
     );
-    assert_eq!(g.wait_exit(Duration::from_secs(30)).code(), Some(0), "{}", g.log());
     let log = g.log();
     let pid: u32 = log
         .split("binary upgrade: pid ")
@@ -360,7 +359,10 @@ fn sigusr2_upgrades_and_the_old_process_exits_zero() {
         .and_then(|r| r.split(' ').next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("{log}"));
+    // Adopted before anything else can fail, so that a failure does not leave it running.
     let new = Adopted(pid);
+    assert_eq!(g.wait_exit(Duration::from_secs(30)).code(), Some(0), "{}", g.log());
+    let log = g.log();
     assert_ne!(new.0, old_pid);
     assert!(new.is_alive(), "{log}");
     // The old process is gone: the port answers from the new one.
