@@ -201,8 +201,7 @@ impl Shutdown {
             shutdown: self,
             phase,
             handover_only: false,
-            armed: false,
-            seen: 0,
+            registered_at: None,
             notified: self.wake.lane().notified(),
         }
     }
@@ -245,14 +244,13 @@ pin_project_lite::pin_project! {
         shutdown: &'a Shutdown,
         phase: Phase,
         handover_only: bool,
-        // The last poll left `notified` registered with this task's waker, and read the wake
-        // count as `seen` (even: no wake under way) before registering. A wake that reaches the
-        // registration (and ends it) starts after that read, so it moves the count; until the
+        // `Some(count)`: the last poll left `notified` registered with this task's waker, and
+        // read the wake count, even (no wake under way), before registering. A wake that reaches
+        // the registration (and ends it) starts after that read, so it moves the count; until the
         // count moves the registration stands and nothing can have changed, and a poll (which
         // takes the `Notify`'s lock) is skipped: a connection's task polls this on every wake, in
         // HTTP/1.1 on every request. A future is only ever polled by the task that owns it.
-        armed: bool,
-        seen: u32,
+        registered_at: Option<u32>,
         // Made before the phase is first checked, so an advance in between still wakes it.
         #[pin]
         notified: Notified<'a>,
@@ -264,10 +262,10 @@ impl Future for Reached<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         let generation = this.shutdown.wake.generation.load(Ordering::SeqCst);
-        if *this.armed && *this.seen == generation {
+        if *this.registered_at == Some(generation) {
             return Poll::Pending;
         }
-        *this.armed = false;
+        *this.registered_at = None;
         loop {
             if this.shutdown.is_reached(*this.phase, *this.handover_only) {
                 return Poll::Ready(());
@@ -275,8 +273,7 @@ impl Future for Reached<'_> {
             if this.notified.as_mut().poll(cx).is_pending() {
                 // Read while a wake was under way, the count cannot tell whether that wake came
                 // before the registration or will end it: poll again next time.
-                *this.armed = generation % 2 == 0;
-                *this.seen = generation;
+                *this.registered_at = (generation % 2 == 0).then_some(generation);
                 return Poll::Pending;
             }
             // Woken: register again before checking, for the same reason as at the start.
