@@ -5,7 +5,7 @@
 use super::body::StaleRequest;
 use super::connect::ConnectError;
 use super::metrics::{CauseLabels, StatusLabels, UnavailableLabels};
-use super::pool::ServerPool;
+use super::pool::{ServerPool, UpError};
 use super::resilience::stale::FallbackKind;
 use super::upstream::Upstream;
 use crate::http::body::ResponseBody;
@@ -17,7 +17,7 @@ use std::time::Instant;
 pub(super) enum Failed {
     Timeout,
     Connect(ConnectError),
-    Hyper(hyper::Error),
+    Exchange(UpError),
     Released,
 }
 
@@ -56,7 +56,8 @@ impl Failed {
                 };
                 failure(pool, status, e.cause(), &e.to_string())
             }
-            Failed::Hyper(e) => {
+            Failed::Exchange(UpError::H1(e)) => failure(pool, StatusCode::BAD_GATEWAY, e.cause(), &error_chain(&e)),
+            Failed::Exchange(UpError::Hyper(e)) => {
                 let cause = classify(&e, first_h2);
                 if cause == "h2_refused" {
                     pool.note_lost("h2_refused");

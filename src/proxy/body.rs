@@ -4,24 +4,22 @@
 
 use super::guard::ServerGuard;
 use super::metrics::{CauseLabels, PhaseLabels};
-use super::pool::{InFlight, Lease, ServerPool};
+use super::pool::{InFlight, Lease, ServerPool, UpIncoming};
 use super::resilience::stale::StaleCache;
 use crate::http::body::BoxError;
 use crate::http::AccessLogError;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-/// What a response body holds until it ends: the lease (an HTTP/2 stream slot), the server's
-/// in-flight count, and the slot telling an HTTP/1.1 return task why its connection is lost.
+/// What a response body holds until it ends: the lease (an HTTP/2 stream slot; an HTTP/1.1
+/// connection travels in the body itself) and the server's in-flight count.
 pub struct Exchange {
     pub pool: Arc<ServerPool>,
     pub lease: Lease,
     pub in_flight: InFlight,
-    pub fate: Arc<OnceLock<&'static str>>,
     /// Told when the body breaks off (passive health).
     pub guard: Arc<ServerGuard>,
 }
@@ -86,7 +84,7 @@ impl Tee {
 
 /// A proxied response body.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: UpIncoming,
     /// `Some` until the body ends, fails or is dropped.
     exchange: Option<Exchange>,
     /// Boxed: only a cacheable GET carries one, and every response body would otherwise be
@@ -98,7 +96,7 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, exchange: Exchange, tee: Option<Tee>) -> Self {
+    pub fn new(inner: UpIncoming, exchange: Exchange, tee: Option<Tee>) -> Self {
         let mut body = UpstreamBody {
             inner,
             exchange: Some(exchange),
@@ -118,8 +116,10 @@ impl UpstreamBody {
     /// the connection is lost as after an error, and nothing counts as a client cancellation.
     pub fn abandon(mut self) {
         self.tee = None;
+        if let UpIncoming::H1(b) = &mut self.inner {
+            b.abandon();
+        }
         if let Some(mut ex) = self.exchange.take() {
-            let _ = ex.fate.set("error");
             ex.lease.fate = "error";
         }
     }
@@ -166,9 +166,8 @@ impl Body for UpstreamBody {
             Some(Err(e)) => {
                 this.tee = None;
                 let Some(mut ex) = this.exchange.take() else {
-                    return Poll::Ready(Some(Err(e.into())));
+                    return Poll::Ready(Some(Err(e)));
                 };
-                let _ = ex.fate.set("error");
                 ex.lease.fate = "error";
                 let pool = &ex.pool;
                 ex.guard.failed_mid_body(pool);
@@ -216,7 +215,6 @@ impl Drop for UpstreamBody {
         // Dropped before its end: the client went away mid-body. Dropping `inner` cancels the
         // upstream side (HTTP/1.1: the connection closes; HTTP/2: RST_STREAM(CANCEL)).
         let Some(ex) = self.exchange.take() else { return };
-        let _ = ex.fate.set("cancelled");
         let pool = &ex.pool;
         pool.metrics()
             .cancelled

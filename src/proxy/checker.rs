@@ -124,15 +124,24 @@ impl Probe for HttpProbe {
             let c = connect::connect(&spec.connect, addr).await.map_err(|e| e.to_string())?;
             let body: UpBody = Empty::new().map_err(|e| match e {}).boxed_unsync();
             let head = Request::get(&path).header(header::USER_AGENT, PROBE_USER_AGENT);
-            let sent = match c.sender {
-                Sender::H1(mut s) => {
-                    let req = head
+            let status = match c.sender {
+                Sender::H1(mut conn) => {
+                    let (mut parts, ()) = head
                         .header(header::HOST, host)
-                        .body(body)
+                        .body(())
+                        .map_err(|e| format!("cannot build the request: {e}"))?
+                        .into_parts();
+                    parts.version = http::Version::HTTP_11;
+                    let req = super::h1::Request::new(&parts, &[], body)
                         .map_err(|e| format!("cannot build the request: {e}"))?;
-                    s.send_request(req).await
+                    match super::h1::send(&mut conn, req, false).await {
+                        Ok(sent) => sent.status(),
+                        Err(super::h1::Failure::Resend(e, _) | super::h1::Failure::Failed(e)) => {
+                            return Err(format!("request failed: {e}"));
+                        }
+                    }
                 }
-                Sender::H2(mut s) => {
+                Sender::H2(mut h2) => {
                     let scheme = if spec.tls() { "https" } else { "http" };
                     let host = host.to_str().map_err(|_| "the Host is not visible ASCII".to_owned())?;
                     let req = head
@@ -140,11 +149,13 @@ impl Probe for HttpProbe {
                         .version(http::Version::HTTP_2)
                         .body(body)
                         .map_err(|e| format!("cannot build the request: {e}"))?;
-                    s.send_request(req).await
+                    h2.sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| format!("request failed: {e}"))?
+                        .status()
                 }
             };
-            let resp = sent.map_err(|e| format!("request failed: {e}"))?;
-            let status = resp.status();
             if status.is_success() || status.is_redirection() {
                 Ok(())
             } else {

@@ -1,10 +1,11 @@
 //! Opening one upstream connection: TCP within `connect_timeout`, TLS with ALPN, the HTTP handshake.
 
+use super::h1::{H1Conn, UpIo};
 use crate::config::{UpstreamProtocol, UpstreamTls};
 use crate::http::body::BoxError;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use std::future::Future;
@@ -72,24 +73,31 @@ impl Wire {
     }
 }
 
-/// A request sender on a fresh connection.
+/// A fresh connection, ready for requests.
 pub enum Sender {
-    H1(http1::SendRequest<UpBody>),
-    H2(http2::SendRequest<UpBody>),
+    /// HTTP/1.1: spoken by each request's own task ([`super::h1`]).
+    H1(H1Conn),
+    /// HTTP/2: hyper's, driven by a task of its own.
+    H2(H2Sender),
 }
 
-/// A connection just established, its driver task running.
+/// An HTTP/2 connection's request handle and what its driver task reports.
+pub struct H2Sender {
+    pub sender: http2::SendRequest<UpBody>,
+    /// Set by the driver task when the connection ends: the reason a later request must open a
+    /// new one (`upstream_closed`, `goaway`).
+    pub closed: Arc<OnceLock<&'static str>>,
+    /// The server's current `SETTINGS_MAX_CONCURRENT_STREAMS`, kept up to date by the driver task
+    /// (hyper exposes it on the connection, which that task owns).
+    pub max_streams: Arc<AtomicUsize>,
+}
+
+/// A connection just established.
 pub struct Connected {
     pub sender: Sender,
     pub wire: Wire,
     /// `protocol = "auto"` and the server chose http/1.1.
     pub alpn_fell_back: bool,
-    /// Set by the driver task when the connection ends: the reason a later request must open a
-    /// new one (`upstream_closed`, `goaway`).
-    pub closed: Arc<OnceLock<&'static str>>,
-    /// HTTP/2: the server's current `SETTINGS_MAX_CONCURRENT_STREAMS`, kept up to date by the
-    /// driver task (hyper exposes it on the connection, which that task owns).
-    pub max_streams: Arc<AtomicUsize>,
 }
 
 /// Why a connection could not be established. Each maps to a `cause` label.
@@ -144,7 +152,7 @@ async fn establish(settings: &ConnectSettings, server: &str) -> Result<Connected
     let Some(tls) = &settings.tls else {
         return match settings.protocol {
             UpstreamProtocol::H2c => handshake_h2(tcp, Wire::H2c, false).await,
-            _ => handshake_h1(tcp, false).await,
+            _ => Ok(h1_connection(UpIo::Plain(tcp), false)),
         };
     };
     let name = match &tls.server_name {
@@ -163,36 +171,17 @@ async fn establish(settings: &ConnectSettings, server: &str) -> Result<Connected
             Some(p) => format!("`{}`", String::from_utf8_lossy(p)),
             None => "no ALPN".to_string(),
         })),
-        (UpstreamProtocol::Auto, _) => handshake_h1(stream, true).await,
-        _ => handshake_h1(stream, false).await,
+        (UpstreamProtocol::Auto, _) => Ok(h1_connection(UpIo::Tls(Box::new(stream)), true)),
+        _ => Ok(h1_connection(UpIo::Tls(Box::new(stream)), false)),
     }
 }
 
-async fn handshake_h1<IO>(io: IO, alpn_fell_back: bool) -> Result<Connected, ConnectError>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) = http1::Builder::new()
-        .handshake::<_, UpBody>(TokioIo::new(io))
-        .await
-        .map_err(ConnectError::Handshake)?;
-    let closed = Arc::new(OnceLock::new());
-    let done = closed.clone();
-    tokio::spawn(async move {
-        // With upgrades, so that a `101 Switching Protocols` hands the socket to the tunnel.
-        let result = conn.with_upgrades().await;
-        if let Err(e) = &result {
-            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
-        }
-        let _ = done.set("upstream_closed");
-    });
-    Ok(Connected {
-        sender: Sender::H1(sender),
+fn h1_connection(io: UpIo, alpn_fell_back: bool) -> Connected {
+    Connected {
+        sender: Sender::H1(H1Conn::new(io)),
         wire: Wire::Http11,
         alpn_fell_back,
-        closed,
-        max_streams: Arc::new(AtomicUsize::new(1)),
-    })
+    }
 }
 
 async fn handshake_h2<IO>(io: IO, wire: Wire, alpn_fell_back: bool) -> Result<Connected, ConnectError>
@@ -230,11 +219,13 @@ where
         let _ = done.set(why);
     });
     Ok(Connected {
-        sender: Sender::H2(sender),
+        sender: Sender::H2(H2Sender {
+            sender,
+            closed,
+            max_streams,
+        }),
         wire,
         alpn_fell_back,
-        closed,
-        max_streams,
     })
 }
 

@@ -6,11 +6,11 @@
 
 use super::answer::{self, failure, record_sent, record_status, refusal, Failed};
 use super::body::{Exchange, StaleRequest, Tee, UpstreamBody};
-use super::connect::{ConnectError, UpBody, Wire};
+use super::connect::{ConnectError, UpBody};
 use super::guard::Outcome;
 use super::headers;
 use super::metrics::PhaseLabels;
-use super::pool::{SendError, ServerPool};
+use super::pool::{Outgoing, SendError, ServerPool, UpIncoming};
 use super::resilience::retry::is_idempotent;
 use super::upgrade;
 use super::upstream::{Chosen, Upstream};
@@ -21,7 +21,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Empty};
 use hyper::upgrade::OnUpgrade;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Proxies `req` to `upstream`.
@@ -255,7 +255,7 @@ impl Attempt<'_> {
             ));
         }
         let wire = lease.wire;
-        if let Err(why) = headers::to_upstream(
+        let added = match headers::to_upstream(
             &mut parts,
             self.ctx,
             spec,
@@ -263,15 +263,29 @@ impl Attempt<'_> {
             wire.is_h2(),
             self.upgrade.clone(),
         ) {
-            watch.disarm();
-            lease.fate = "error";
-            return Attempted::Done(failure(&pool, StatusCode::BAD_GATEWAY, "bad_request_head", why));
-        }
+            Ok(added) => added,
+            Err(why) => {
+                watch.disarm();
+                lease.fate = "error";
+                return Attempted::Done(failure(&pool, StatusCode::BAD_GATEWAY, "bad_request_head", why));
+            }
+        };
         let up_body = match body.take() {
             Some(b) if !b.is_end_stream() => b.boxed_unsync(),
             _ => empty_body(),
         };
-        let mut outgoing = Request::from_parts(parts, up_body);
+        let mut outgoing = if wire.is_h2() {
+            Outgoing::H2(Box::new(Request::from_parts(parts, up_body)))
+        } else {
+            match super::h1::Request::new(&parts, &added, up_body) {
+                Ok(r) => Outgoing::H1(r),
+                Err(why) => {
+                    watch.disarm();
+                    lease.fate = "error";
+                    return Attempted::Done(failure(&pool, StatusCode::BAD_GATEWAY, "bad_request_head", why));
+                }
+            }
+        };
 
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started) + spec.response_header_timeout;
@@ -280,28 +294,30 @@ impl Attempt<'_> {
             match tokio::time::timeout_at(deadline, lease.send(outgoing)).await {
                 Err(_) => break Err(Failed::Timeout),
                 Ok(Ok(resp)) => break Ok(resp),
-                // A pooled connection the upstream closed just before the request left: nothing
-                // was sent, so it goes on a fresh connection once, whatever its method. This is
-                // the keep-alive race every pool has, not a retry.
+                // A pooled connection the upstream closed just as the request left: it goes on a
+                // fresh connection once (HTTP/2: nothing was sent; HTTP/1.1: nothing came back,
+                // and the request may be sent again). This is the keep-alive race every pool has,
+                // not a retry.
                 Ok(Err(SendError::NotSent(e, req))) if lease.reused && !resent => {
                     resent = true;
-                    tracing::debug!(upstream = %name, server = %pool.server.0, error = %e, "pooled connection closed before the request left; sending on a new one");
-                    lease.fate = "upstream_closed";
+                    tracing::debug!(upstream = %name, server = %pool.server.0, error = %e, "pooled connection ended before any answer; sending on a new one");
+                    // Given up before the new checkout, whose connection is then opened for it.
+                    lease.lose("upstream_closed");
                     lease = match pool.checkout().await {
                         Ok(l) if l.wire == wire => l,
                         Ok(mut l) => {
                             l.fate = "error";
-                            break Err(Failed::Hyper(e));
+                            break Err(Failed::Exchange(e));
                         }
                         Err(ce) => break Err(Failed::Connect(ce)),
                     };
-                    outgoing = *req;
+                    outgoing = req;
                 }
-                Ok(Err(SendError::NotSent(e, _) | SendError::Failed(e))) => break Err(Failed::Hyper(e)),
+                Ok(Err(SendError::NotSent(e, _) | SendError::Failed(e))) => break Err(Failed::Exchange(e)),
                 Ok(Err(SendError::Released)) => break Err(Failed::Released),
             }
         };
-        let mut resp = match result {
+        let resp = match result {
             Ok(resp) => resp,
             Err(failed) => {
                 watch.disarm();
@@ -342,8 +358,19 @@ impl Attempt<'_> {
                     "101 Switching Protocols to a request that asked for no upgrade",
                 ));
             };
-            let upstream_io = hyper::upgrade::on(&mut resp);
-            let (mut parts, _) = resp.into_parts();
+            let (mut parts, body) = resp.into_parts();
+            let Some(upstream_io) = (match body {
+                UpIncoming::H1(b) => b.into_upgraded(),
+                UpIncoming::H2(_) => None,
+            }) else {
+                lease.fate = "error";
+                return Attempted::Done(failure(
+                    &pool,
+                    StatusCode::BAD_GATEWAY,
+                    "bad_response",
+                    "101 Switching Protocols on a connection that cannot switch",
+                ));
+            };
             match self.ws_key {
                 // RFC 8441: the HTTP/2 stream opens with a 200 once the upstream accepted.
                 Some(key) => {
@@ -360,11 +387,8 @@ impl Attempt<'_> {
             return Attempted::Done(Response::from_parts(parts, ResponseBody::empty()));
         }
 
+        // HTTP/1.1: the connection now travels in the body, which pools it again at its end.
         let (mut parts, incoming) = resp.into_parts();
-        let fate = Arc::new(OnceLock::new());
-        if wire == Wire::Http11 {
-            lease.release_h1(!headers::upstream_keeps_alive(&parts), fate.clone());
-        }
         headers::to_client(&mut parts, false);
         watch.disarm();
         let tee = self.tee(status, &parts.headers, stale);
@@ -374,7 +398,6 @@ impl Attempt<'_> {
                 pool: pool.clone(),
                 lease,
                 in_flight,
-                fate,
                 guard,
             },
             tee,

@@ -1,13 +1,15 @@
 //! The reverse proxy: `proxy = "NAME"` routes forward to `[[upstreams]]` over pooled HTTP/1.1
 //! and HTTP/2 connections, and say what happened when an upstream fails.
 //!
-//! The pool is gatehouse's own, on `hyper::client::conn::{http1, http2}`, rather than
-//! hyper-util's legacy `Client`: that client opens, reuses and drops connections out of sight,
+//! The pool is gatehouse's own, over its own HTTP/1.1 client ([`h1`], spoken by each request's
+//! task) and `hyper::client::conn::http2`, rather than hyper-util's legacy `Client`: that client
+//! opens, reuses and drops connections out of sight,
 //! and gatehouse's promise is that connection reuse never fails silently. Here every new
 //! connection is counted with the reason it was needed (see [`pool`]), the reuse ratio is a
 //! metric, and an ALPN fall back to HTTP/1.1 is counted and logged.
 //!
-//! Layout: [`connect`] opens one connection (TCP, TLS, ALPN, handshake); [`pool`] keeps them per
+//! Layout: [`connect`] opens one connection (TCP, TLS, ALPN, handshake); [`h1`] speaks HTTP/1.1
+//! on one; [`pool`] keeps them per
 //! server; [`upstream`] holds the configured upstreams, reconciles them on reload and balances
 //! over the servers their [`guard`]s (health, breaker) allow; [`checker`] runs the active health
 //! checks; [`headers`] rewrites heads both ways; [`forward`] runs a request's attempts and
@@ -22,6 +24,7 @@ pub mod checker;
 pub mod connect;
 pub mod forward;
 pub mod guard;
+pub mod h1;
 pub mod headers;
 pub mod metrics;
 pub mod pool;

@@ -2,8 +2,8 @@
 //! connections, and the reason each new connection had to be opened.
 //!
 //! A request *checks out* a connection. HTTP/1.1: the most recently used idle one (LIFO keeps
-//! few connections warm instead of many lukewarm), which goes back to the idle list once hyper
-//! says it is ready for another request, that is after the response body was read to its end.
+//! few connections warm instead of many lukewarm) that nothing arrived on while it idled, which
+//! goes back to the idle list when its response body was read to its end (see [`super::h1`]).
 //! HTTP/2: any connection with a free stream under the server's `SETTINGS_MAX_CONCURRENT_STREAMS`;
 //! only when all are full (or gone) is another opened. Connections are opened under a per-server
 //! gate for HTTP/2, so a burst of requests shares one new connection instead of opening one each.
@@ -18,10 +18,11 @@
 //! on HTTP/1.1, which costs the connection).
 
 use super::connect::{self, ConnectError, ConnectSettings, Sender, UpBody, Wire};
+use super::h1::{self, H1Body, H1Conn};
 use super::metrics::{OpenedLabels, ReasonLabels, SentSeries, ServerLabels, UpstreamMetrics};
 use crate::observe::Name;
 use arc_swap::{ArcSwap, ArcSwapOption};
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -38,9 +39,8 @@ const LOST_REASONS_KEPT: usize = 64;
 const EWMA_HALF_LIFE: Duration = Duration::from_secs(10);
 
 struct IdleH1 {
-    sender: http1::SendRequest<UpBody>,
+    conn: H1Conn,
     since: Instant,
-    closed: Arc<OnceLock<&'static str>>,
 }
 
 struct H2Conn {
@@ -102,15 +102,12 @@ pub struct Lease {
     /// The connection carried a request before this one.
     pub reused: bool,
     pub wire: Wire,
-    /// Why the connection is lost if this lease still holds an HTTP/1.1 sender when dropped.
+    /// Why the connection is lost if this lease still holds an HTTP/1.1 connection when dropped.
     pub fate: &'static str,
 }
 
 enum Leased {
-    H1 {
-        sender: http1::SendRequest<UpBody>,
-        closed: Arc<OnceLock<&'static str>>,
-    },
+    H1(H1Conn),
     H2 {
         sender: http2::SendRequest<UpBody>,
         streams: Arc<AtomicUsize>,
@@ -280,7 +277,7 @@ impl ServerPool {
         let now = Instant::now();
         let idle_timeout = self.settings.idle_timeout;
         while let Some(idle) = st.idle.pop() {
-            if idle.closed.get().is_some() || idle.sender.is_closed() || !idle.sender.is_ready() {
+            if !idle.conn.usable() {
                 reason = Some("upstream_closed");
                 continue;
             }
@@ -290,10 +287,7 @@ impl ServerPool {
             }
             return Ok(Lease {
                 pool: self.clone(),
-                conn: Some(Leased::H1 {
-                    sender: idle.sender,
-                    closed: idle.closed,
-                }),
+                conn: Some(Leased::H1(idle.conn)),
                 reused: true,
                 wire: Wire::Http11,
                 fate: "upstream_closed",
@@ -347,21 +341,21 @@ impl ServerPool {
             "opened upstream connection"
         );
         let conn = match c.sender {
-            Sender::H1(sender) => Leased::H1 {
-                sender,
-                closed: c.closed,
-            },
-            Sender::H2(sender) => {
+            Sender::H1(conn) => Leased::H1(conn),
+            Sender::H2(h2) => {
                 let streams = Arc::new(AtomicUsize::new(1));
                 if !self.retired.load(Relaxed) {
                     self.state().h2.push(H2Conn {
-                        sender: sender.clone(),
+                        sender: h2.sender.clone(),
                         streams: streams.clone(),
-                        max_streams: c.max_streams,
-                        closed: c.closed,
+                        max_streams: h2.max_streams,
+                        closed: h2.closed,
                     });
                 }
-                Leased::H2 { sender, streams }
+                Leased::H2 {
+                    sender: h2.sender,
+                    streams,
+                }
             }
         };
         Ok(Lease {
@@ -373,9 +367,9 @@ impl ServerPool {
         })
     }
 
-    /// Puts an HTTP/1.1 connection back once hyper says it can take another request (after
-    /// the response body was read to its end), unless the pool is full or retired.
-    fn put_idle(self: &Arc<Self>, sender: http1::SendRequest<UpBody>, closed: Arc<OnceLock<&'static str>>) {
+    /// Puts an HTTP/1.1 connection back after a whole exchange (its response body read to its
+    /// end), unless the pool is full or retired.
+    pub(super) fn put_idle(self: &Arc<Self>, conn: H1Conn) {
         if self.retired.load(Relaxed) {
             return;
         }
@@ -384,9 +378,8 @@ impl ServerPool {
             return; // dropped: hyper closes a connection whose last sender is gone
         }
         st.idle.push(IdleH1 {
-            sender,
+            conn,
             since: Instant::now(),
-            closed,
         });
         if !st.sweeper {
             st.sweeper = true;
@@ -405,8 +398,7 @@ async fn sweep(pool: Weak<ServerPool>) {
             let now = Instant::now();
             let mut st = p.state();
             let before = st.idle.len();
-            st.idle
-                .retain(|c| now.duration_since(c.since) < timeout && c.closed.get().is_none());
+            st.idle.retain(|c| now.duration_since(c.since) < timeout);
             for _ in st.idle.len()..before {
                 if st.lost.len() >= LOST_REASONS_KEPT {
                     st.lost.pop_front();
@@ -426,48 +418,40 @@ async fn sweep(pool: Weak<ServerPool>) {
 }
 
 impl Lease {
-    /// Sends `req` on this connection. The request comes back in the error when it was not
-    /// sent at all (a pooled connection that closed just before), so it can go on another.
-    pub async fn send(
-        &mut self,
-        req: http::Request<UpBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, SendError> {
-        let sent = match self.conn.as_mut() {
-            Some(Leased::H1 { sender, .. }) => sender.try_send_request(req).await,
-            Some(Leased::H2 { sender, .. }) => sender.try_send_request(req).await,
-            None => return Err(SendError::Released),
-        };
-        sent.map_err(|mut e| match e.take_message() {
-            Some(req) => SendError::NotSent(e.into_error(), Box::new(req)),
-            None => SendError::Failed(e.into_error()),
-        })
+    /// Sends `req` on this connection and reads the response head. The request comes back in
+    /// the error when it can go on another connection (see [`SendError::NotSent`]).
+    pub async fn send(&mut self, req: Outgoing) -> Result<http::Response<UpIncoming>, SendError> {
+        match (self.conn.as_mut(), req) {
+            (Some(Leased::H1(conn)), Outgoing::H1(req)) => match h1::send(conn, req, self.reused).await {
+                Ok(sent) => {
+                    let Some(Leased::H1(conn)) = self.conn.take() else {
+                        return Err(SendError::Released);
+                    };
+                    Ok(sent.into_response(conn, Some(self.pool.clone())).map(UpIncoming::H1))
+                }
+                Err(h1::Failure::Resend(e, req)) => Err(SendError::NotSent(UpError::H1(e), Outgoing::H1(req))),
+                Err(h1::Failure::Failed(e)) => Err(SendError::Failed(UpError::H1(e))),
+            },
+            (Some(Leased::H2 { sender, .. }), Outgoing::H2(req)) => match sender.try_send_request(*req).await {
+                Ok(resp) => Ok(resp.map(UpIncoming::H2)),
+                Err(mut e) => Err(match e.take_message() {
+                    Some(req) => SendError::NotSent(UpError::Hyper(e.into_error()), Outgoing::H2(Box::new(req))),
+                    None => SendError::Failed(UpError::Hyper(e.into_error())),
+                }),
+            },
+            _ => Err(SendError::Released),
+        }
     }
 
-    /// HTTP/1.1, after the response head: the connection returns to the pool once the body is
-    /// read to its end, or is counted as lost with `will_close` (`Connection: close`).
-    /// `fate` tells the return task why the connection did not come back, when it does not.
-    pub fn release_h1(&mut self, will_close: bool, fate: Arc<OnceLock<&'static str>>) {
-        let Some(Leased::H1 { mut sender, closed }) = self.conn.take() else {
-            return;
-        };
-        if will_close {
-            self.pool.note_lost("connection_close_header");
-            return;
-        }
-        // A small response is usually read to its end by the connection's task before this
-        // request's task sees its head, and the connection is then ready already: it goes back
-        // now, without a task (and its allocation and scheduling) per request.
-        if sender.is_ready() {
-            self.pool.put_idle(sender, closed);
-            return;
-        }
-        let pool = self.pool.clone();
-        tokio::spawn(async move {
-            match sender.ready().await {
-                Ok(()) => pool.put_idle(sender, closed),
-                Err(_) => pool.note_lost(fate.get().copied().unwrap_or("upstream_closed")),
+    /// Gives the connection up now, for `reason` (HTTP/1.1), or frees its stream (HTTP/2).
+    pub fn lose(&mut self, reason: &'static str) {
+        match self.conn.take() {
+            Some(Leased::H1(_)) => self.pool.note_lost(reason),
+            Some(Leased::H2 { streams, .. }) => {
+                streams.fetch_sub(1, Relaxed);
             }
-        });
+            None => {}
+        }
     }
 
     /// The connection was handed over (a `101` upgrade): it neither returns nor counts as lost.
@@ -482,12 +466,71 @@ impl Lease {
     }
 }
 
+/// A request as the connection it goes on needs it.
+pub enum Outgoing {
+    /// Encoded for HTTP/1.1.
+    H1(h1::Request),
+    /// For hyper's HTTP/2 client.
+    H2(Box<http::Request<UpBody>>),
+}
+
+/// A response body from either protocol.
+pub enum UpIncoming {
+    H1(H1Body),
+    H2(hyper::body::Incoming),
+}
+
+impl http_body::Body for UpIncoming {
+    type Data = bytes::Bytes;
+    type Error = crate::http::body::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpIncoming::H1(b) => std::pin::Pin::new(b).poll_frame(cx),
+            UpIncoming::H2(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpIncoming::H1(b) => b.is_end_stream(),
+            UpIncoming::H2(b) => b.is_end_stream(),
+        }
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpIncoming::H1(b) => b.size_hint(),
+            UpIncoming::H2(b) => b.size_hint(),
+        }
+    }
+}
+
+/// An exchange's error from either protocol.
+#[derive(Debug)]
+pub enum UpError {
+    H1(h1::Error),
+    Hyper(hyper::Error),
+}
+
+impl std::fmt::Display for UpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpError::H1(e) => e.fmt(f),
+            UpError::Hyper(e) => e.fmt(f),
+        }
+    }
+}
+
 /// Why [`Lease::send`] got no response.
 pub enum SendError {
-    /// The connection closed before the request left: it can go on another connection.
-    NotSent(hyper::Error, Box<http::Request<UpBody>>),
+    /// The connection ended before the request left (HTTP/2), or before any answer to a request
+    /// that may be sent again (HTTP/1.1, see [`h1::Failure::Resend`]): it can go on another
+    /// connection.
+    NotSent(UpError, Outgoing),
     /// The exchange failed after the request (or part of it) was sent.
-    Failed(hyper::Error),
+    Failed(UpError),
     /// The lease had already given its connection back (a bug, answered as a 502).
     Released,
 }
@@ -495,7 +538,7 @@ pub enum SendError {
 impl Drop for Lease {
     fn drop(&mut self) {
         match self.conn.take() {
-            Some(Leased::H1 { .. }) => self.pool.note_lost(self.fate),
+            Some(Leased::H1(_)) => self.pool.note_lost(self.fate),
             Some(Leased::H2 { streams, .. }) => {
                 streams.fetch_sub(1, Relaxed);
             }

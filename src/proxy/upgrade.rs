@@ -1,6 +1,7 @@
 //! HTTP/1.1 `Upgrade` (WebSocket and the like) through the proxy: the `101` is passed on, then
 //! the two sockets are spliced until either side closes.
 
+use super::h1::Upgraded;
 use super::headers::connection_has;
 use crate::http::RequestBody;
 use crate::observe::Name;
@@ -23,17 +24,18 @@ pub fn requested(req: &Request<RequestBody>) -> Option<HeaderValue> {
     (!up.as_bytes().eq_ignore_ascii_case(b"h2c")).then(|| up.clone())
 }
 
-/// Splices the client's and the upstream's upgraded connections on their own task.
-pub fn tunnel(client: OnUpgrade, upstream: OnUpgrade, upstream_name: Name, server: Name) {
+/// Splices the client's upgraded connection (once hyper has sent it the `101`) and the
+/// upstream's on their own task.
+pub fn tunnel(client: OnUpgrade, mut upstream: Upgraded, upstream_name: Name, server: Name) {
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(both) => both,
+        let client = match client.await {
+            Ok(c) => c,
             Err(e) => {
                 tracing::warn!(upstream = %upstream_name.0, server = %server.0, error = %e, "upgrade could not complete; tunnel not opened");
                 return;
             }
         };
-        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+        let mut client = TokioIo::new(client);
         match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             Ok((up, down)) => tracing::debug!(
                 upstream = %upstream_name.0,

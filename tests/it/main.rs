@@ -19,6 +19,7 @@ mod malformed;
 mod metrics;
 mod protocols;
 mod proxy;
+mod proxy_h1;
 mod proxy_resilience;
 mod proxy_shedding;
 mod redaction;
