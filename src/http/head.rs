@@ -110,15 +110,17 @@ pub struct Present<'a> {
     host: Option<&'a HeaderValue>,
 }
 
+/// The fields [`Present`] looks for, in the order of their bits (a `static`: a `const` array is
+/// built afresh at each use).
+static PRESENT_NAMES: [HeaderName; 5] = [
+    header::HOST,
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::CONTENT_LENGTH,
+];
+
 impl<'a> Present<'a> {
-    /// In the order of their bits.
-    const NAMES: [HeaderName; 5] = [
-        header::HOST,
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::CONTENT_LENGTH,
-    ];
     pub const HOST: u8 = 1;
     pub const CONNECTION: u8 = 1 << 1;
     pub const TRANSFER_ENCODING: u8 = 1 << 2;
@@ -131,7 +133,7 @@ impl<'a> Present<'a> {
         let mut p = Present { bits: 0, host: None };
         // `iter` yields every line, a repeated name once per line, so a second Host shows here.
         for (name, value) in headers {
-            let Some(i) = Self::NAMES.iter().position(|n| n == name) else {
+            let Some(i) = PRESENT_NAMES.iter().position(|n| n == name) else {
                 continue;
             };
             let bit = 1 << i;
