@@ -849,6 +849,14 @@ def report(bench, scenarios, header):
         if base is not None and proxied is not None:
             derived.append(f"- extra CPU per proxied request, {server}: {proxied - base:+.1f} µs "
                            f"(proxy {proxied:.1f} vs direct h1 {base:.1f})")
+    # The same over each server's in-memory answer: a proxied request opens no file, where the
+    # static-file request above does (nginx: open, fstat, sendfile and close per request), so
+    # this is what proxying adds to the cheapest direct answer.
+    for server in bench.servers:
+        base, proxied = cpu.get(("h1-fixed", server)), cpu.get(("proxy", server))
+        if base is not None and proxied is not None:
+            derived.append(f"- extra CPU per proxied request over the fixed answer, {server}: "
+                           f"{proxied - base:+.1f} µs (proxy {proxied:.1f} vs h1-fixed {base:.1f})")
     for scenario in ("h1-1m", "h2-1m"):
         for server in bench.servers:
             large = cpu.get((scenario, server))

@@ -317,7 +317,7 @@ impl Attempt<'_> {
                 Ok(Err(SendError::Released)) => break Err(Failed::Released),
             }
         };
-        let resp = match result {
+        let mut resp = match result {
             Ok(resp) => resp,
             Err(failed) => {
                 watch.disarm();
@@ -351,6 +351,10 @@ impl Attempt<'_> {
             watch.disarm();
             let Some(client) = client_upgrade else {
                 lease.fate = "error";
+                // Its connection is lost to the upstream's error, not to a client that left.
+                if let UpIncoming::H1(b) = resp.body_mut() {
+                    b.abandon();
+                }
                 return Attempted::Done(failure(
                     &pool,
                     StatusCode::BAD_GATEWAY,

@@ -276,9 +276,9 @@ impl ServerPool {
         }
         let now = Instant::now();
         let idle_timeout = self.settings.idle_timeout;
-        while let Some(idle) = st.idle.pop() {
-            if !idle.conn.usable() {
-                reason = Some("upstream_closed");
+        while let Some(mut idle) = st.idle.pop() {
+            if let Some(why) = idle.conn.unquiet() {
+                reason = Some(why);
                 continue;
             }
             if now.duration_since(idle.since) >= idle_timeout {

@@ -148,7 +148,8 @@ async fn every_body_framing_arrives_whole_and_only_a_delimited_one_keeps_its_con
     }
     assert_eq!(up.accepted.load(SeqCst), 2);
     assert_eq!(reason(&srv, "pool_empty"), 1.0);
-    assert_eq!(reason(&srv, "connection_close_header"), 1.0);
+    // The upstream ended that body by closing its connection.
+    assert_eq!(reason(&srv, "upstream_closed"), 1.0);
     srv.stop().await;
 }
 
@@ -338,5 +339,64 @@ async fn request_bodies_keep_their_length_or_go_chunked() {
     let sent = String::from_utf8(rx.recv().await.unwrap()).unwrap();
     assert!(sent.contains("transfer-encoding: chunked\r\n"), "{sent}");
     assert!(sent.ends_with("\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "{sent:?}");
+    srv.stop().await;
+}
+
+/// Over TLS, bytes an upstream sends past its response can sit decrypted inside rustls while the
+/// socket shows nothing to read: the connection must still not be reused, or the next request
+/// gets them as its answer (here a planted `POISON` response). The first answer is sized so that
+/// its head and body fill the client's first read (8 KiB) exactly and the planted response stays
+/// in the same TLS record, inside rustls.
+#[tokio::test]
+async fn over_tls_bytes_past_a_response_held_in_rustls_stop_its_reuse() {
+    let pki = common::Pki::new();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls_server(&pki, &["http/1.1"]));
+    let head = |n: usize| format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+    let body_len = (1..8192).find(|n| head(*n).len() + n == 8192).unwrap();
+    let mut first = head(body_len).into_bytes();
+    first.extend(std::iter::repeat_n(b'a', body_len));
+    first.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON");
+    let first: &'static [u8] = first.leak();
+    let up = raw_upstream(move |index, tcp| {
+        let acceptor = acceptor.clone();
+        async move {
+            let mut s = acceptor.accept(tcp).await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            // One request per connection is enough here; a second is answered `clean`.
+            let mut seen = Vec::new();
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                seen.extend_from_slice(&buf[..n]);
+            }
+            let answer: &[u8] = if index == 0 {
+                first
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nclean"
+            };
+            s.write_all(answer).await.unwrap();
+            s.flush().await.unwrap();
+            // Hold the connection open, as a keep-alive server would.
+            let _ = s.read(&mut buf).await;
+        }
+    })
+    .await;
+    let srv = proxy(
+        &[up.addr],
+        &format!(
+            "tls = {{ server_name = \"localhost\", ca = \"{}\" }}",
+            pki.ca_path().display()
+        ),
+    )
+    .await;
+    let c = client(false);
+    let url = format!("http://{}/", srv.addr("c"));
+    let first = c.get(&url).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(first.len(), body_len);
+    assert_eq!(c.get(&url).send().await.unwrap().text().await.unwrap(), "clean");
+    assert_eq!(up.accepted.load(SeqCst), 2);
+    assert_eq!(reason(&srv, "error"), 1.0);
     srv.stop().await;
 }

@@ -44,7 +44,9 @@ pub struct H1Body {
     /// `None` once the body ended (the connection pooled or closed) or was taken.
     conn: Option<H1Conn>,
     state: State,
-    keep_alive: bool,
+    /// Why the connection cannot carry another request after this body, as a `reason` of
+    /// `gatehouse_upstream_new_connection_reasons_total`; `None` while it can.
+    closes: Option<&'static str>,
     /// The rest of the request, when the response came before all of it was sent: written as
     /// this body is read (HTTP/1.1 allows both directions at once).
     upload: Option<Box<Upload>>,
@@ -58,7 +60,7 @@ impl H1Body {
     pub(super) fn new(
         conn: H1Conn,
         shape: Shape,
-        keep_alive: bool,
+        closes: Option<&'static str>,
         upload: Option<Box<Upload>>,
         home: Option<Arc<ServerPool>>,
     ) -> Self {
@@ -72,7 +74,7 @@ impl H1Body {
         let mut body = H1Body {
             conn: Some(conn),
             state,
-            keep_alive,
+            closes,
             upload,
             home,
             fate: "cancelled",
@@ -105,14 +107,15 @@ impl H1Body {
     /// else it closes and the pool remembers why.
     fn finish(&mut self) {
         self.state = State::Done;
-        let Some(conn) = self.conn.take() else { return };
+        let Some(mut conn) = self.conn.take() else { return };
         let Some(pool) = self.home.take() else { return };
-        if !self.keep_alive {
-            pool.note_lost("connection_close_header");
-        } else if self.upload.is_some() || !conn.buf.is_empty() {
-            // The request was not all sent, or the server sent more than its response: the
-            // connection is mid-message either way.
+        if let Some(reason) = self.closes {
+            pool.note_lost(reason);
+        } else if self.upload.is_some() {
+            // The request was not all sent: the connection is mid-message.
             pool.note_lost("error");
+        } else if let Some(reason) = conn.unquiet() {
+            pool.note_lost(reason);
         } else {
             pool.put_idle(conn);
         }
@@ -152,7 +155,7 @@ impl Body for H1Body {
                 // the connection is done after it.
                 Poll::Ready(Err(super::request::UploadError::Io(_))) => {
                     this.upload = None;
-                    this.keep_alive = false;
+                    this.closes = Some("error");
                 }
                 Poll::Ready(Err(super::request::UploadError::Body(e))) => {
                     return this.fail(Error::RequestBody(e));
@@ -230,8 +233,7 @@ impl Body for H1Body {
             };
             match ready!(conn.poll_fill(cx, want)) {
                 Ok(0) if this.state == State::UntilClose => {
-                    // The server closed: that is this body's end.
-                    this.keep_alive = false;
+                    // The server closed: that is this body's end (and `closes` says so already).
                     this.finish();
                     return Poll::Ready(None);
                 }

@@ -55,15 +55,6 @@ pub enum UpIo {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-impl UpIo {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            UpIo::Plain(t) => t,
-            UpIo::Tls(t) => t.get_ref().0,
-        }
-    }
-}
-
 impl AsyncRead for UpIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
@@ -126,22 +117,25 @@ impl H1Conn {
         }
     }
 
-    /// Whether a pooled connection can take a request. Nothing may arrive on an idle HTTP/1.1
-    /// connection, so one with bytes to read (or an end of stream) was closed by its server, or
-    /// sent something nobody asked for: either way it is not used. Costs a load of the socket's
-    /// readiness, and a `recv` only when the socket was readable.
-    pub fn usable(&self) -> bool {
-        let tcp = self.io.tcp();
+    /// Whether nothing waits to be read: no byte in the socket nor (TLS) in rustls, decrypted or
+    /// not, and no end of stream. `None` when quiet, else why the connection must not carry
+    /// another request: `upstream_closed` (end of stream, or the socket failed) or `error` (bytes
+    /// nobody asked for: more than the last response said it had). A read with a waker that does
+    /// nothing: on TCP it costs a load of the socket's readiness when nothing arrived (tokio
+    /// knows, and makes no system call), a `recv` otherwise; through rustls it also sees what
+    /// rustls holds, which the socket no longer shows. A byte it reads is lost, which is fine:
+    /// the connection is then closed.
+    pub fn unquiet(&mut self) -> Option<&'static str> {
+        if !self.buf.is_empty() {
+            return Some("error");
+        }
         let mut cx = Context::from_waker(Waker::noop());
-        match tcp.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            // Readiness can outlive the bytes that raised it (a read that filled its buffer
-            // exactly leaves it set): only a read says whether something is there.
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
+        let mut byte = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut byte);
+        match Pin::new(&mut self.io).poll_read(&mut cx, &mut probe) {
+            Poll::Pending => None,
+            Poll::Ready(Ok(())) if !probe.filled().is_empty() => Some("error"),
+            Poll::Ready(_) => Some("upstream_closed"),
         }
     }
 
@@ -216,7 +210,8 @@ pub enum Failure {
 pub struct Sent {
     parts: http::response::Parts,
     shape: response::Shape,
-    keep_alive: bool,
+    /// Why the connection closes after this exchange (see [`H1Body`]); `None`: it can be reused.
+    closes: Option<&'static str>,
     /// The request body, when the response head came before all of it was sent.
     upload: Option<Box<Upload>>,
 }
@@ -232,7 +227,7 @@ impl Sent {
         conn: H1Conn,
         home: Option<std::sync::Arc<crate::proxy::pool::ServerPool>>,
     ) -> http::Response<H1Body> {
-        let body = H1Body::new(conn, self.shape, self.keep_alive, self.upload, home);
+        let body = H1Body::new(conn, self.shape, self.closes, self.upload, home);
         http::Response::from_parts(self.parts, body)
     }
 }
@@ -271,11 +266,7 @@ pub async fn send(conn: &mut H1Conn, req: Request, reused: bool) -> Result<Sent,
                         }
                         continue;
                     }
-                    Ok(Some(Parsed::Final {
-                        parts,
-                        shape,
-                        keep_alive,
-                    })) => {
+                    Ok(Some(Parsed::Final { parts, shape, closes })) => {
                         let Some(up) = upload.take() else {
                             return Poll::Ready(Err(Failure::Failed(Error::bad("response read twice"))));
                         };
@@ -289,7 +280,7 @@ pub async fn send(conn: &mut H1Conn, req: Request, reused: bool) -> Result<Sent,
                             parts,
                             shape,
                             // A request not sent whole leaves the connection mid-message.
-                            keep_alive: keep_alive && write_failed.is_none(),
+                            closes: if write_failed.is_some() { Some("error") } else { closes },
                             upload: (!up.done() && write_failed.is_none()).then(|| Box::new(up)),
                         }));
                     }

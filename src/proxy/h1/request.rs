@@ -52,18 +52,20 @@ impl Request {
         body: UpBody,
     ) -> Result<Request, &'static str> {
         let headers = &parts.headers;
-        let framing = if body.is_end_stream() {
-            Framing::Empty
-        } else {
-            match headers.get(header::CONTENT_LENGTH) {
-                Some(v) => Framing::Length(
-                    std::str::from_utf8(v.as_bytes())
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or("the request's Content-Length is not a number")?,
-                ),
-                None => Framing::Chunked,
-            }
+        let length = match headers.get(header::CONTENT_LENGTH) {
+            Some(v) => Some(
+                super::response::content_length(v.as_bytes()).ok_or("the request's Content-Length is not a number")?,
+            ),
+            None => None,
+        };
+        let framing = match length {
+            _ if body.is_end_stream() => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            // A body of unknown length on GET or HEAD (an HTTP/2 request whose HEADERS did not end
+            // the stream) is taken to be none, as hyper's client does: such requests almost never
+            // carry one, and a chunked GET is refused by many servers.
+            None if matches!(parts.method, Method::GET | Method::HEAD) => Framing::Empty,
+            None => Framing::Chunked,
         };
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let method = parts.method.as_str();
@@ -72,9 +74,7 @@ impl Request {
         for (name, value) in headers.iter().chain(added.iter().map(|(n, v)| (n, v))) {
             len += name.as_str().len() + 2 + value.len() + 2;
         }
-        if framing == Framing::Chunked {
-            len += "transfer-encoding: chunked\r\n".len();
-        }
+        len += "content-length: \r\n".len() + 20;
         let mut head = BytesMut::with_capacity(len);
         head.put_slice(method.as_bytes());
         head.put_u8(b' ');
@@ -87,9 +87,11 @@ impl Request {
             .chain(headers)
             .chain(rest.map(|(n, v)| (n, v)));
         for (name, value) in fields {
-            // This side frames the body; the client's framing field is hop-by-hop and gone
-            // already, and must not come back through here.
-            if name == header::TRANSFER_ENCODING {
+            // This side frames the body. The client's `Transfer-Encoding` is hop-by-hop and gone
+            // already, and must not come back through here; its `Content-Length` is written
+            // below as one number (a list of one repeated value, which hyper accepts from a
+            // client, is refused by some servers).
+            if name == header::TRANSFER_ENCODING || name == header::CONTENT_LENGTH {
                 continue;
             }
             head.put_slice(name.as_str().as_bytes());
@@ -97,8 +99,14 @@ impl Request {
             head.put_slice(value.as_bytes());
             head.put_slice(b"\r\n");
         }
-        if framing == Framing::Chunked {
-            head.put_slice(b"transfer-encoding: chunked\r\n");
+        match (framing, length) {
+            (Framing::Chunked, _) => head.put_slice(b"transfer-encoding: chunked\r\n"),
+            (_, Some(n)) => {
+                head.put_slice(b"content-length: ");
+                head.put_slice(itoa(n, &mut [0; 20]));
+                head.put_slice(b"\r\n");
+            }
+            (_, None) => {}
         }
         head.put_slice(b"\r\n");
         let trailers = if framing == Framing::Chunked {
@@ -203,8 +211,10 @@ impl Upload {
     pub(super) fn poll(&mut self, io: &mut UpIo, cx: &mut Context<'_>) -> Poll<Result<(), UploadError>> {
         loop {
             ready!(self.poll_write_out(io, cx)).map_err(UploadError::Io)?;
+            // Through TLS, written bytes can wait in rustls as records: they go out before this
+            // waits on the client for more, or an interactive upload would stall.
+            ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(UploadError::Io)?;
             if self.body_ended {
-                ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(UploadError::Io)?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
@@ -323,6 +333,19 @@ fn body_error(what: &'static str) -> UploadError {
     UploadError::Body(what.into())
 }
 
+/// `n` in decimal, written at the end of `buf`.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
 /// Writes `n` in lowercase hexadecimal, as a chunk size.
 fn push_hex(out: &mut BytesMut, n: usize) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -341,6 +364,13 @@ mod tests {
 
     fn empty() -> UpBody {
         Empty::new().map_err(|e| match e {}).boxed_unsync()
+    }
+
+    #[test]
+    fn decimal_lengths() {
+        for n in [0u64, 7, 10, 1234567890, u64::MAX] {
+            assert_eq!(itoa(n, &mut [0; 20]), n.to_string().as_bytes());
+        }
     }
 
     #[test]
@@ -407,12 +437,30 @@ mod tests {
     }
 
     #[test]
-    fn a_content_length_that_is_not_a_number_is_refused() {
+    fn a_content_length_list_is_sent_as_one_number_and_a_conflicting_one_refused() {
+        let body = || {
+            Full::new(Bytes::from_static(b"hello"))
+                .map_err(|e| match e {})
+                .boxed_unsync()
+        };
         let (mut parts, ()) = http::Request::post("/").body(()).unwrap().into_parts();
+        parts.headers.insert(header::CONTENT_LENGTH, "5, 5".parse().unwrap());
+        let r = Request::new(&parts, &[], body()).unwrap();
+        assert_eq!(r.framing, Framing::Length(5));
+        assert_eq!(&r.head[..], b"POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\n".as_slice());
         parts.headers.insert(header::CONTENT_LENGTH, "5, 6".parse().unwrap());
-        let body = Full::new(Bytes::from_static(b"hello"))
+        assert!(Request::new(&parts, &[], body()).is_err());
+    }
+
+    #[test]
+    fn a_get_body_of_unknown_length_is_not_sent() {
+        let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
+        let body = Full::new(Bytes::from_static(b"x"))
             .map_err(|e| match e {})
             .boxed_unsync();
-        assert!(Request::new(&parts, &[], body).is_err());
+        let r = Request::new(&parts, &[], body).unwrap();
+        assert_eq!(r.framing, Framing::Empty);
+        assert!(r.body.is_none());
+        assert_eq!(&r.head[..], b"GET / HTTP/1.1\r\n\r\n".as_slice());
     }
 }

@@ -27,8 +27,9 @@ pub(super) enum Parsed {
     Final {
         parts: http::response::Parts,
         shape: Shape,
-        /// The server keeps the connection open after this response (RFC 9112 §9.3).
-        keep_alive: bool,
+        /// Why the connection cannot carry another request after this response (RFC 9112 §9.3),
+        /// as a `reason` of `gatehouse_upstream_new_connection_reasons_total`; `None`: it can.
+        closes: Option<&'static str>,
     },
 }
 
@@ -47,18 +48,11 @@ struct Fields {
 impl Fields {
     fn note(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), Error> {
         if name == header::CONTENT_LENGTH {
-            // A list of one repeated value is one value (RFC 9110 §8.6); anything else is not.
-            for item in value.split(|&b| b == b',') {
-                let digits = item.trim_ascii();
-                if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-                    return Err(Error::bad("invalid Content-Length"));
-                }
-                let n = digits.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-                if self.content_length.is_some_and(|m| m != n) {
-                    return Err(Error::bad("conflicting Content-Length values"));
-                }
-                self.content_length = Some(n);
+            let n = content_length(value).ok_or_else(|| Error::bad("invalid Content-Length"))?;
+            if self.content_length.is_some_and(|m| m != n) {
+                return Err(Error::bad("conflicting Content-Length values"));
             }
+            self.content_length = Some(n);
         } else if name == header::TRANSFER_ENCODING {
             self.transfer_encoding = true;
             for coding in value.split(|&b| b == b',') {
@@ -81,6 +75,24 @@ impl Fields {
     }
 }
 
+/// A `Content-Length` value: digits, or a list of one repeated value, which is that value
+/// (RFC 9110 §8.6). `None` for anything else, an empty value or more than 19 digits.
+pub(super) fn content_length(value: &[u8]) -> Option<u64> {
+    let mut length = None;
+    for item in value.split(|&b| b == b',') {
+        let digits = item.trim_ascii();
+        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = digits.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        if length.is_some_and(|m| m != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    length
+}
+
 /// Parses one response head at the front of `buf` and removes it. `Ok(None)`: the head is not
 /// complete yet. `head_only`: the request was `HEAD`, so no body follows whatever the fields say.
 pub(super) fn parse(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Error> {
@@ -88,7 +100,7 @@ pub(super) fn parse(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed
     // the head's own bytes once it is split off (no copy per value). `u16`: a head is at most
     // `MAX_HEAD_BYTES`, and this array is zeroed for every response.
     let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_FIELDS];
-    let (len, code, version, count) = {
+    let (len, code, version, count, reason) = {
         // Not zeroed: httparse writes each field before it reads it.
         let mut fields = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_FIELDS];
         let mut r = httparse::Response::new(&mut []);
@@ -112,7 +124,16 @@ pub(super) fn parse(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed
             let value = offset(f.value.as_ptr());
             *span = (name, name + f.name.len() as u16, value, value + f.value.len() as u16);
         }
-        (len, r.code.unwrap_or(0), r.version.unwrap_or(1), count)
+        // A reason phrase of the server's own (not the status's usual one) is kept for the
+        // client, as hyper keeps it: `200 Everything Fine` stays that.
+        let status = r.code.and_then(|c| StatusCode::from_u16(c).ok());
+        let reason = match (r.reason, status) {
+            (Some(text), Some(status)) if !text.is_empty() && status.canonical_reason() != Some(text) => {
+                hyper::ext::ReasonPhrase::try_from(text.as_bytes().to_vec()).ok()
+            }
+            _ => None,
+        };
+        (len, r.code.unwrap_or(0), r.version.unwrap_or(1), count, reason)
     };
     let head = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code).map_err(|_| Error::bad(format!("invalid status code {code}")))?;
@@ -154,20 +175,21 @@ pub(super) fn parse(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed
     } else {
         Shape::UntilClose
     };
-    let keep_alive = match shape {
-        Shape::UntilClose | Shape::Switched => false,
-        _ if http10 => f.keep_alive && !f.close,
-        _ => !f.close,
+    let closes = match shape {
+        _ if f.close || (http10 && !f.keep_alive) => Some("connection_close_header"),
+        // The server ends this body by closing the connection.
+        Shape::UntilClose => Some("upstream_closed"),
+        Shape::Switched => Some("upgraded"),
+        _ => None,
     };
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
     parts.version = if http10 { Version::HTTP_10 } else { Version::HTTP_11 };
     parts.headers = headers;
-    Ok(Some(Parsed::Final {
-        parts,
-        shape,
-        keep_alive,
-    }))
+    if let Some(reason) = reason {
+        parts.extensions.insert(reason);
+    }
+    Ok(Some(Parsed::Final { parts, shape, closes }))
 }
 
 #[cfg(test)]
@@ -177,11 +199,7 @@ mod tests {
     fn final_of(text: &str, head_only: bool) -> Result<(http::response::Parts, Shape, bool, usize), Error> {
         let mut buf = BytesMut::from(text.as_bytes());
         match parse(&mut buf, head_only)? {
-            Some(Parsed::Final {
-                parts,
-                shape,
-                keep_alive,
-            }) => Ok((parts, shape, keep_alive, buf.len())),
+            Some(Parsed::Final { parts, shape, closes }) => Ok((parts, shape, closes.is_none(), buf.len())),
             Some(Parsed::Interim) => panic!("interim"),
             None => panic!("partial"),
         }
@@ -193,6 +211,12 @@ mod tests {
             final_of("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello", false).unwrap();
         assert_eq!(parts.status, 200);
         assert_eq!(parts.headers["x-a"], "b");
+        assert!(parts.extensions.get::<hyper::ext::ReasonPhrase>().is_none());
+        let (parts, ..) = final_of("HTTP/1.1 200 Fine\r\nContent-Length: 0\r\n\r\n", false).unwrap();
+        assert_eq!(
+            parts.extensions.get::<hyper::ext::ReasonPhrase>().unwrap().as_bytes(),
+            b"Fine"
+        );
         assert_eq!((shape, keep, rest), (Shape::Length(5), true, 5));
     }
 
