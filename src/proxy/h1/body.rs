@@ -107,15 +107,17 @@ impl H1Body {
     /// else it closes and the pool remembers why.
     fn finish(&mut self) {
         self.state = State::Done;
-        let Some(mut conn) = self.conn.take() else { return };
+        let Some(conn) = self.conn.take() else { return };
         let Some(pool) = self.home.take() else { return };
         if let Some(reason) = self.closes {
             pool.note_lost(reason);
-        } else if self.upload.is_some() {
-            // The request was not all sent: the connection is mid-message.
+        } else if self.upload.is_some() || !conn.buf.is_empty() {
+            // The request was not all sent, or the server sent more than its response said: the
+            // connection is mid-message either way. Bytes not read yet (in the socket, or held
+            // by rustls) are found when a request would take the connection
+            // ([`H1Conn::unquiet`]), which looks once, there, for every way a connection goes bad
+            // while it idles.
             pool.note_lost("error");
-        } else if let Some(reason) = conn.unquiet() {
-            pool.note_lost(reason);
         } else {
             pool.put_idle(conn);
         }
