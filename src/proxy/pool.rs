@@ -388,25 +388,40 @@ impl ServerPool {
     }
 }
 
-/// Closes idle connections older than `idle_timeout`, so an unused pool holds no sockets. One
+/// How often the sweep looks at idle HTTP/1.1 connections for one their server closed. Closed
+/// there, such a connection would wait in `CLOSE_WAIT` until a request or `idle_timeout` came
+/// for it; looking costs a load of each socket's readiness (and a `recv` for one with something
+/// to read) once a second, and only while the pool has idle connections.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Closes idle connections older than `idle_timeout`, and those their server closed (or that
+/// received bytes nobody asked for), so an unused pool holds no sockets and no dead ones. One
 /// task per pool, alive only while the pool has idle connections.
 async fn sweep(pool: Weak<ServerPool>) {
+    let mut gone: Vec<&'static str> = Vec::new();
     loop {
         let next = {
             let Some(p) = pool.upgrade() else { return };
             let timeout = p.settings.idle_timeout;
             let now = Instant::now();
             let mut st = p.state();
-            let before = st.idle.len();
-            st.idle.retain(|c| now.duration_since(c.since) < timeout);
-            for _ in st.idle.len()..before {
+            st.idle.retain_mut(|c| {
+                let why = if now.duration_since(c.since) >= timeout {
+                    Some("idle_timeout")
+                } else {
+                    c.conn.unquiet()
+                };
+                gone.extend(why);
+                why.is_none()
+            });
+            for why in gone.drain(..) {
                 if st.lost.len() >= LOST_REASONS_KEPT {
                     st.lost.pop_front();
                 }
-                st.lost.push_back("idle_timeout");
+                st.lost.push_back(why);
             }
             match st.idle.iter().map(|c| c.since).min() {
-                Some(oldest) => oldest + timeout,
+                Some(oldest) => (oldest + timeout).min(now + IDLE_CHECK),
                 None => {
                     st.sweeper = false;
                     return;

@@ -400,3 +400,49 @@ async fn over_tls_bytes_past_a_response_held_in_rustls_stop_its_reuse() {
     assert_eq!(reason(&srv, "error"), 1.0);
     srv.stop().await;
 }
+
+/// An idle connection its server closes is closed on this side too within about a second, with
+/// no request to find out: it does not wait in CLOSE_WAIT until `idle_timeout` (60 s here). The
+/// upstream closes only once the client has its answer, so the connection has idled in the pool
+/// (and the pool's first look at it found it open) before.
+#[tokio::test]
+async fn an_idle_connection_the_upstream_closes_is_closed_here_within_a_second() {
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    let chans = std::sync::Mutex::new(Some((close_rx, closed_tx)));
+    let up = raw_upstream(move |_, mut s| {
+        let chans = chans.lock().unwrap().take();
+        async move {
+            let Some((close_rx, closed_tx)) = chans else { return };
+            read_request(&mut s).await;
+            s.write_all(OK).await.unwrap();
+            let _ = close_rx.await;
+            // Closes its side, and waits for the proxy to close the other.
+            s.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            let _ = closed_tx.send(());
+        }
+    })
+    .await;
+    let srv = proxy(&[up.addr], "").await;
+    let c = client(false);
+    let url = format!("http://{}/", srv.addr("c"));
+    assert_eq!(c.get(&url).send().await.unwrap().text().await.unwrap(), "ok");
+    close_tx.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), closed_rx)
+        .await
+        .expect("the proxy kept an idle connection its upstream had closed")
+        .unwrap();
+    assert_eq!(
+        reason(&srv, "upstream_closed"),
+        0.0,
+        "counted when the next connection opens"
+    );
+    assert_eq!(
+        c.get(&url).send().await.unwrap().status(),
+        502,
+        "the upstream answers no more"
+    );
+    srv.stop().await;
+}
